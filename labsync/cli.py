@@ -1,0 +1,145 @@
+"""The ``labsync`` command: a thin shell over the functions the scheduler and the demo call.
+
+Exit status: 0 done; 1 problems found (``check``) or unknown order (``order``); 2 unusable
+config or unreachable database. Errors reach the operator through ``_fail`` only: a list of
+things to fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from labsync import __version__, logs
+from labsync.config import Config, config_path, load
+from labsync.errors import ConfigError, LabsyncError, StoreError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="labsync", description="Lab results from the LIS into the Bitrix personal account.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="config file (default: $LABSYNC_CONFIG, then /etc/labsync/labsync.toml)")
+    parser.add_argument("--version", action="version", version=f"labsync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("init-db", help="create labsync's tables (and the lab tables if missing)")
+    once = sub.add_parser("sync-once", help="one full pass over the pending orders, then exit")
+    once.add_argument("--all", action="store_true",
+                      help="also ask about orders whose retry time after a failure is not due yet")
+    sub.add_parser("check", help="validate the config, reach the database and the LIS")
+    status = sub.add_parser("status", help="pending orders, recent failures, the last pass")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    order = sub.add_parser("order", help="one order's history, for support")
+    order.add_argument("external_id", metavar="EXTERNAL_ORDER_ID")
+    order.add_argument("--json", action="store_true")
+    demo = sub.add_parser("demo", help="the whole pipeline on SQLite with a built-in fake LIS")
+    demo.add_argument("--dir", default="labsync-demo",
+                      help="folder for the demo's database and PDFs (default: ./labsync-demo)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from labsync.demo import run_demo
+
+        return _guard(lambda: run_demo(Path(args.dir)))
+    try:
+        config = load(config_path(args.config))
+    except ConfigError as exc:
+        return _fail_config(exc)
+    logs.setup(config.log.level, config.log.format, config.secrets(),
+               stream=sys.stderr if args.command in ("status", "order", "check") else None)
+    commands: dict[str, Callable[[], int]] = {
+        "init-db": lambda: _init_db(config),
+        "sync-once": lambda: _sync_once(config, due_only=not args.all),
+        "check": lambda: _check(config),
+        "status": lambda: _status(config, as_json=args.json),
+        "order": lambda: _order(config, args.external_id, as_json=args.json),
+    }
+    return _guard(commands[args.command])
+
+
+def _guard(command: Callable[[], int]) -> int:
+    """The one place that turns exceptions into words for the operator."""
+    try:
+        return command()
+    except ConfigError as exc:
+        return _fail_config(exc)
+    except StoreError as exc:
+        print(f"labsync: database unusable: {logs.REDACTOR.redact(str(exc))}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except LabsyncError as exc:
+        print(f"labsync: {logs.REDACTOR.redact(str(exc))}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print("labsync: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail_config(exc: ConfigError) -> int:
+    print("labsync: the configuration cannot be used:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_UNUSABLE
+
+
+def _init_db(config: Config) -> int:
+    from labsync.store.db import init_db, make_engine
+
+    engine = make_engine(config.database)
+    try:
+        created = init_db(engine)
+    finally:
+        engine.dispose()
+    print("created: " + ", ".join(created) if created else "all tables already exist")
+    return EXIT_OK
+
+
+def _sync_once(config: Config, *, due_only: bool) -> int:
+    from labsync.app import open_app
+
+    with open_app(config) as app:
+        app.sync.run_pass(due_only=due_only)
+    return EXIT_OK
+
+
+def _check(config: Config) -> int:
+    from labsync.checks import run_checks
+
+    problems, notes = run_checks(config)
+    for note in notes:
+        print(f"ok: {note}")
+    for problem in problems:
+        print(f"problem: {logs.REDACTOR.redact(problem)}")
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    from labsync.status import collect_status, render_status
+
+    report = collect_status(config)
+    print(json.dumps(report, ensure_ascii=False, default=str) if as_json
+          else render_status(report))
+    return EXIT_OK
+
+
+def _order(config: Config, external_id: str, *, as_json: bool) -> int:
+    from labsync.status import collect_order, render_order
+
+    report = collect_order(config, external_id)
+    if report is None:
+        print(f"labsync: no order {external_id!r} in local_lab_orders", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(json.dumps(report, ensure_ascii=False, default=str) if as_json
+          else render_order(report))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

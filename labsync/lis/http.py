@@ -1,0 +1,474 @@
+"""The HTTP edge every HTTP-based LIS adapter shares: sessions, classification, retries.
+
+Adapters build paths and validate what comes back; this module does everything between:
+one ``requests.Session`` per thread, an optional request-rate cap, turning every response
+and every transport failure into the ``labsync.errors`` tree (``classify_response`` and
+``_from_exception`` are the only places that do), and bounded retries of idempotent GETs.
+
+Error messages are built from a caller's label (``what``), the HTTP status and a short,
+sanitised excerpt of the body: never from headers, URLs (queries carry phone numbers) or
+the API key, and the original requests exception is not chained, because its text holds
+the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, BinaryIO, NoReturn
+from urllib.parse import quote
+
+import requests
+import structlog
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
+from tenacity.wait import wait_exponential, wait_random
+
+from labsync import __version__
+from labsync.config import LisConfig
+from labsync.errors import BadLisData, LisAuthError, LisError, PermanentLisError, TransientLisError
+
+log = structlog.get_logger("labsync.lis")
+
+CHUNK_BYTES = 64 * 1024
+JSON_MAX_BYTES = 10 * 1024 * 1024
+EXCERPT_CHARS = 200
+EDGE_BYTES = 1024  # how much of a download's start and end ``stream_to`` hands to ``check``
+
+# C0/C1 controls, zero-width and bidi-override characters: they could forge log lines or
+# reorder an operator's terminal, so an excerpt shows "?" instead.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+_DELTA_SECONDS = re.compile(r"^\s*(\d+)\s*$")
+
+#: ``check(head, tail)`` of a finished download: its first and last ``EDGE_BYTES`` bytes.
+BodyCheck = Callable[[bytes, bytes], None]
+Sleep = Callable[[float], None]
+Clock = Callable[[], float]
+NotFound = type[PermanentLisError]
+
+
+class JsonNumber(str):
+    """A JSON number as its literal text, exactly as sent: ``5.40`` stays ``"5.40"``.
+
+    Lab values are shown as the lab wrote them; a float would turn ``5.40`` into ``5.4``
+    and ``1e308`` into ``1e+308``.
+    """
+
+    __slots__ = ()
+
+
+def quote_id(external_id: str) -> str:
+    """``external_id`` as one URL path segment: ``a/b`` and ``../x`` cannot change the path."""
+    # "." and ".." survive quoting and would be resolved as dot segments by urllib3.
+    if not isinstance(external_id, str) or external_id in ("", ".", ".."):
+        raise PermanentLisError(f"order id {external_id!r} cannot be used in a URL")
+    try:
+        return quote(external_id, safe="")
+    except UnicodeEncodeError:  # a lone surrogate
+        raise PermanentLisError(f"order id {external_id!r} is not valid text") from None
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date.
+
+    A date in the past gives 0; a missing or unparseable value gives None.
+    """
+    if not value:
+        return None
+    match = _DELTA_SECONDS.match(value)
+    if match:
+        return float(match.group(1))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" means UTC with unknown origin (RFC 5322)
+        when = when.replace(tzinfo=UTC)
+    delta = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, delta)
+
+
+def excerpt(text: str, *, redact: Sequence[str] = ()) -> str:
+    """At most ``EXCERPT_CHARS`` of ``text``, one line, secrets and control characters removed."""
+    for secret in redact:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _UNPRINTABLE.sub("?", text).strip()
+    if len(text) > EXCERPT_CHARS:
+        text = text[:EXCERPT_CHARS] + "…"
+    return text
+
+
+def _body_excerpt(response: requests.Response, redact: Sequence[str]) -> str:
+    """The start of an error response's body; never reads more than a few KiB of it."""
+    data = bytearray()
+    try:
+        for chunk in response.iter_content(1024):
+            data += chunk
+            if len(data) >= 4096:
+                break
+    except (requests.RequestException, urllib3.exceptions.HTTPError):
+        pass  # the status alone is enough to classify; a broken body adds nothing
+    return excerpt(data.decode("utf-8", errors="replace"), redact=redact)
+
+
+def classify_response(
+    response: requests.Response,
+    *,
+    what: str,
+    not_found: NotFound = PermanentLisError,
+    redact: Sequence[str] = (),
+) -> None:
+    """Raise the ``LisError`` a non-2xx response means; return quietly on 2xx.
+
+    ``not_found`` is what a 404 means to the caller (``UnknownOrder``, ``PdfNotReady``): only
+    the adapter knows which endpoint it asked. ``redact`` lists strings (the API key) that
+    must not appear even if the LIS echoes them in its error body.
+    """
+    status = response.status_code
+    if status < 300:
+        return
+    if status in (401, 403):
+        raise LisAuthError(f"{what}: the LIS refused the API key (HTTP {status})", status=status)
+    if status == 404:
+        raise not_found(f"{what}: not found (HTTP 404)", status=status)
+    if status < 400:
+        # Redirects are not followed: requests would forward X-Api-Key to any other host.
+        raise PermanentLisError(f"{what}: unexpected redirect (HTTP {status})", status=status)
+    detail = _body_excerpt(response, redact)
+    suffix = f": {detail}" if detail else ""
+    if status == 429 or status >= 500:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise TransientLisError(
+            f"{what}: HTTP {status}{suffix}", status=status, retry_after=retry_after
+        )
+    raise PermanentLisError(f"{what}: HTTP {status}{suffix}", status=status)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException], depth: int = 0) -> bool:
+    """Whether ``kind`` is somewhere in the wrapped chain requests/urllib3 build."""
+    if isinstance(exc, kind):
+        return True
+    if depth > 6:
+        return False
+    inner = [getattr(exc, "reason", None), exc.__cause__, exc.__context__, *exc.args]
+    return any(isinstance(e, BaseException) and _caused_by(e, kind, depth + 1) for e in inner)
+
+
+def _from_exception(exc: Exception, what: str) -> LisError:
+    """The ``LisError`` for a transport failure, naming only its type: its text has the URL."""
+    name = type(exc).__name__
+    if isinstance(exc, requests.exceptions.SSLError):
+        if _caused_by(exc, ssl.SSLCertVerificationError):
+            return PermanentLisError(
+                f"{what}: the LIS's TLS certificate is not trusted (check lis.ca_file)"
+            )
+        return TransientLisError(f"{what}: TLS failed ({name})")
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError):
+        return TransientLisError(f"{what}: timed out ({name})")
+    if isinstance(
+        exc,
+        requests.ConnectionError
+        | requests.exceptions.ChunkedEncodingError
+        | urllib3.exceptions.ProtocolError,
+    ):
+        return TransientLisError(f"{what}: connection failed ({name})")
+    if isinstance(exc, requests.exceptions.ContentDecodingError | urllib3.exceptions.DecodeError):
+        return BadLisData(f"{what}: the body could not be decompressed ({name})")
+    return PermanentLisError(f"{what}: request failed ({name})")
+
+
+_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+
+
+def _body(response: requests.Response, what: str, max_bytes: int) -> Iterator[bytes]:
+    """The body in chunks of up to 64 KiB, refused past ``max_bytes`` without reading on.
+
+    A reset mid-body, or fewer bytes than Content-Length promised, is a ``TransientLisError``.
+    """
+    # Content-Length counts the bytes on the wire; with compression we count decoded bytes.
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    length = response.headers.get("Content-Length", "")
+    declared = int(length) if encoding == "identity" and length.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise BadLisData(f"{what}: the body is larger than {max_bytes} bytes")
+    received = 0
+    try:
+        for chunk in response.iter_content(CHUNK_BYTES):
+            received += len(chunk)
+            if received > max_bytes:
+                raise BadLisData(f"{what}: the body is larger than {max_bytes} bytes")
+            yield chunk
+    except _TRANSPORT_ERRORS as exc:
+        raise _from_exception(exc, what) from None
+    # urllib3 notices a short body on real sockets; this also covers transports that do not.
+    if declared is not None and received < declared:
+        raise TransientLisError(f"{what}: the body was cut short ({received} of {declared} bytes)")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number")
+
+
+def decode_json(body: bytes, *, what: str) -> Any:
+    """Parse ``body``, numbers as ``JsonNumber``; NaN, Infinity and bad JSON are ``BadLisData``."""
+    try:
+        return json.loads(
+            body, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant
+        )
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BadLisData(f"{what}: not valid JSON ({excerpt(str(exc))})") from None
+    except RecursionError:
+        raise BadLisData(f"{what}: JSON nested too deeply") from None
+
+
+def _check_json_type(response: requests.Response, what: str) -> None:
+    """A 200 HTML error page from a proxy must not reach the JSON parser as data."""
+    content_type = response.headers.get("Content-Type")
+    if content_type is None:
+        return  # some servers omit it; the parser still refuses anything that is not JSON
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise BadLisData(f"{what}: expected JSON, got {excerpt(media) or 'no media type'}")
+
+
+class RateLimiter:
+    """Spaces request starts at least ``1/rps`` seconds apart, across all threads."""
+
+    def __init__(self, rps: float, *, sleep: Sleep = time.sleep, clock: Clock = time.monotonic):
+        self._interval = 1.0 / rps
+        self._sleep = sleep
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next: float | None = None
+
+    def acquire(self) -> None:
+        """Wait for this caller's slot."""
+        # Slots are handed out under the lock, the waiting happens outside it, so threads
+        # queue up in order without holding each other up longer than their slot requires.
+        with self._lock:
+            now = self._clock()
+            slot = now if self._next is None else max(now, self._next)
+            self._next = slot + self._interval
+        if slot > now:
+            self._sleep(slot - now)
+
+
+class _BudgetSpent(stop_base):
+    """Stop once the time budget is spent, or when the next wait would overrun it.
+
+    tenacity's own ``stop_after_delay`` reads ``time.monotonic`` itself; this one uses the
+    injected clock, so tests control time, and never sleeps past the budget (a ``Retry-After``
+    beyond it means giving up now rather than waking up too late to try).
+    """
+
+    def __init__(self, clock: Clock, budget: float) -> None:
+        self._clock = clock
+        self._deadline = clock() + budget
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._clock() + retry_state.upcoming_sleep > self._deadline
+
+
+class HttpTransport:
+    """HTTP to one LIS base URL, shared by the threads of one adapter."""
+
+    def __init__(
+        self, config: LisConfig, *, sleep: Sleep = time.sleep, clock: Clock = time.monotonic
+    ) -> None:
+        self._config = config
+        self._sleep = sleep
+        self._clock = clock
+        self._base_url = config.base_url.rstrip("/")
+        self._timeout = (config.connect_timeout, config.read_timeout)
+        self._verify: str | bool = str(config.ca_file) if config.ca_file else True  # TLS always
+        self._redact = (config.api_key.reveal(),) if config.api_key else ()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._limiter = (
+            RateLimiter(config.max_rps, sleep=sleep, clock=clock) if config.max_rps > 0 else None
+        )
+        # 0.5 s doubling to 10 s, plus up to 0.5 s of jitter so workers that failed together
+        # do not all come back in the same instant.
+        self._backoff = wait_exponential(multiplier=0.5, max=10.0) + wait_random(0, 0.5)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["X-Api-Key"] = self._config.api_key.reveal()
+            session.headers["Accept"] = "application/json"
+            session.headers["User-Agent"] = f"labsync/{__version__}"
+            session.verify = self._verify
+            # One LIS host; each worker thread has its own session, the pool bounds the rest.
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._config.max_concurrency)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+            with self._lock:
+                self._sessions.append(session)
+            self._local.session = session
+        return session
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key masked, for messages that quote what the LIS sent."""
+        for secret in self._redact:
+            text = text.replace(secret, "***")
+        return text
+
+    def close(self) -> None:
+        """Close every thread's session."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        self._local = threading.local()
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        not_found: NotFound = PermanentLisError,
+        params: Mapping[str, str] | None = None,
+        payload: Any = None,
+        accept: str | None = None,
+    ) -> requests.Response:
+        """Send once (after the rate cap) and classify; returns a 2xx response, body unread."""
+        if self._limiter is not None:
+            self._limiter.acquire()
+        try:
+            response = self._session().request(
+                method,
+                self._base_url + path,
+                params=params,
+                json=payload,
+                headers={"Accept": accept} if accept else None,
+                timeout=self._timeout,
+                # Per request: requests lets REQUESTS_CA_BUNDLE override session.verify
+                # (psf/requests#3829), which would silently drop lis.ca_file.
+                verify=self._verify,
+                stream=True,
+                allow_redirects=False,
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise _from_exception(exc, what) from None
+        try:
+            classify_response(response, what=what, not_found=not_found, redact=self._redact)
+        except LisError:
+            response.close()
+            raise
+        return response
+
+    # -- retries --------------------------------------------------------------------------
+
+    def _retrying(self, what: str) -> Retrying:
+        """A fresh retry controller for one request; its time budget starts now."""
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, TransientLisError) and exc.retry_after is not None:
+                return exc.retry_after  # the LIS said when; guessing sooner just gets another 429
+            return float(self._backoff(state))
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "lis.retry",
+                what=what,
+                attempt=state.attempt_number,
+                wait=round(state.upcoming_sleep, 3),
+                error=getattr(exc, "kind", None),
+                status=getattr(exc, "status", None),
+                detail=str(exc),
+            )
+
+        return Retrying(
+            sleep=self._sleep,
+            stop=stop_after_attempt(self._config.retry_attempts)
+            | _BudgetSpent(self._clock, self._config.retry_max_seconds),
+            wait=wait,
+            retry=retry_if_exception_type(TransientLisError),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def get_json(
+        self,
+        path: str,
+        *,
+        what: str,
+        not_found: NotFound = PermanentLisError,
+        params: Mapping[str, str] | None = None,
+        max_bytes: int = JSON_MAX_BYTES,
+    ) -> Any:
+        """GET ``path``, decode its JSON (numbers as ``JsonNumber``), retry what is transient."""
+
+        def attempt() -> Any:
+            with self._send("GET", path, what=what, not_found=not_found, params=params) as resp:
+                _check_json_type(resp, what)
+                return decode_json(b"".join(_body(resp, what, max_bytes)), what=what)
+
+        return self._retrying(what)(attempt)
+
+    def stream_to(
+        self,
+        path: str,
+        sink: BinaryIO,
+        *,
+        what: str,
+        not_found: NotFound = PermanentLisError,
+        max_bytes: int,
+        check: BodyCheck,
+        accept: str = "*/*",
+    ) -> int:
+        """GET ``path`` into ``sink`` in 64 KiB chunks; return the bytes written.
+
+        The whole download is one retried unit: ``sink`` is rewound and truncated before each
+        attempt. ``check(head, tail)`` sees the first and last ``EDGE_BYTES`` of a complete
+        body and raises ``BadLisData`` to refuse it. Errors writing to ``sink`` are the
+        caller's and pass through unchanged.
+        """
+
+        def attempt() -> int:
+            sink.seek(0)
+            sink.truncate()
+            with self._send("GET", path, what=what, not_found=not_found, accept=accept) as resp:
+                head, tail, total = b"", b"", 0
+                for chunk in _body(resp, what, max_bytes):
+                    total += len(chunk)
+                    if len(head) < EDGE_BYTES:
+                        head += chunk[: EDGE_BYTES - len(head)]
+                    tail = (tail + chunk[-EDGE_BYTES:])[-EDGE_BYTES:]
+                    sink.write(chunk)
+            check(head, tail)
+            sink.flush()
+            return total
+
+        return int(self._retrying(what)(attempt))
+
+    def post_json(
+        self, path: str, payload: Any, *, what: str, max_bytes: int = JSON_MAX_BYTES
+    ) -> Any:
+        """POST ``payload`` as JSON and decode the JSON answer. Never retried: POST creates things.
+
+        A ``TransientLisError`` here means the outcome is unknown (the LIS may have acted).
+        """
+        with self._send("POST", path, what=what, payload=payload) as resp:
+            _check_json_type(resp, what)
+            return decode_json(b"".join(_body(resp, what, max_bytes)), what=what)

@@ -1,0 +1,26 @@
+"""Adapter name → class. The core asks here; it never names a vendor itself."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from labsync.config import LisConfig
+    from labsync.lis.base import LisClient
+
+# name → "module:Class", imported on demand so an adapter's dependencies load only when used
+_ADAPTERS: dict[str, str] = {
+    "qlab": "labsync.lis.qlab:QlabClient",
+}
+
+
+def adapter_names() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def make_client(config: LisConfig) -> LisClient:
+    """The configured adapter. ``config.adapter`` was validated against ``adapter_names()``."""
+    module_name, class_name = _ADAPTERS[config.adapter].split(":")
+    cls = getattr(import_module(module_name), class_name)
+    return cls(config)  # type: ignore[no-any-return]

@@ -1,0 +1,104 @@
+"""Logging: structlog for labsync, the same renderer for the libraries' stdlib loggers.
+
+JSON lines on stdout when it is not a terminal (journald keeps them), readable lines on a
+terminal. A redaction processor replaces every configured secret, and anything shaped like
+a password in a URL or an API-key header, wherever it appears in a line, tracebacks included.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?=@)", re.I)
+_KEY_HEADER = re.compile(r"(?P<head>x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+", re.I)
+MASK = "***"
+LIBRARY_LOGGERS = {"apscheduler": logging.INFO, "urllib3": logging.WARNING,
+                   "sqlalchemy": logging.WARNING, "labsync.fake_qlab": logging.WARNING}
+
+
+class Redactor:
+    """A structlog processor that masks secrets in every string of an event, nested ones too."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        for secret in secrets:
+            # Very short values would mask ordinary words; config keys are longer than this.
+            if secret and len(secret) >= 4 and secret not in self.secrets:
+                self.secrets.append(secret)
+        self.secrets.sort(key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+        return _KEY_HEADER.sub(lambda m: m.group("head") + MASK, text)
+
+    def _walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {k: self._walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._walk(v) for v in value)
+        if isinstance(value, BaseException):
+            return self.redact(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+        for key, value in list(event.items()):
+            event[key] = self._walk(value)
+        return event
+
+
+REDACTOR = Redactor()
+
+
+def setup(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (),
+          stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger. Safe to call again (tests, the demo)."""
+    stream = stream or sys.stdout
+    REDACTOR.add(secrets)
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        REDACTOR,
+    ]
+    renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=False) if use_json
+                     else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_labsync", False):
+            root.removeHandler(old)
+    handler._labsync = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for name, lib_level in LIBRARY_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(lib_level, root.level))

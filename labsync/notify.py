@@ -1,0 +1,58 @@
+"""The patient's "results are ready" notification, queued in the same transaction as the results.
+
+``bitrix`` backend: one ``b_event`` row, as ``CEvent::Send`` writes it; the site's own mail
+agent sends it with the site's ``LAB_RESULTS_READY`` template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from labsync.config import NotifyConfig
+from labsync.store import bitrix
+from labsync.store.db import TextFitter
+
+
+@dataclass(frozen=True, slots=True)
+class MailDecision:
+    """What became of an order's notification: ``queued`` (with its event id) or why not."""
+
+    state: str  # queued | no_user | inactive | no_email
+    event_id: int | None = None
+
+
+class BitrixNotifier:
+    """Queues notifications into Bitrix's ``b_event`` mail queue."""
+
+    def __init__(self, config: NotifyConfig, fitter: TextFitter) -> None:
+        self.config = config
+        self.fitter = fitter
+
+    def order_ready(
+        self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
+        now_site: datetime,
+    ) -> MailDecision:
+        """Queue the ready mail for a completed order, unless its user cannot receive it."""
+        user = bitrix.get_user(conn, user_id)
+        if user is None:
+            return MailDecision("no_user")
+        if not user.active:
+            return MailDecision("inactive")
+        if not user.email:
+            return MailDecision("no_email")
+        fields = {
+            "EMAIL": user.email,
+            "NAME": user.name or "",
+            "LAST_NAME": user.last_name or "",
+            "ORDER_ID": external_id,
+            "LOCAL_ORDER_ID": str(order_id),
+            "RESULT_URL": self.config.result_url.format(order_id=order_id),
+        }
+        event_id = bitrix.queue_mail_event(
+            conn, self.fitter, event_name=self.config.event_name, site_id=self.config.site_id,
+            fields=fields, duplicate=self.config.duplicate, now_site=now_site,
+        )
+        return MailDecision("queued", event_id)

@@ -1,0 +1,152 @@
+"""Result PDFs on disk: streamed, checked, fsynced and renamed into place.
+
+Layout, read by the site's access-checked download script:
+``{dir}/{USER_ID}/{EXTERNAL_ORDER_ID}.pdf``.
+A download goes to a hidden temporary file in the same folder (same file system, so the
+rename is atomic), is checked, fsynced, and renamed into place only when the order's
+database transaction is about to commit: a reader never sees half a file. Files are 0640
+and folders 0750 whatever the process umask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from labsync.errors import BadLisData, PdfError
+from labsync.lis.base import LisClient
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+TEMP_SUFFIX = ".part"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+_CHUNK = 64 * 1024
+
+
+def is_safe_name(external_id: str) -> bool:
+    """Letters, digits, ``.``, ``_``, ``-``; not starting with ``.``; at most 100 characters."""
+    return bool(_SAFE_NAME.fullmatch(external_id))
+
+
+@dataclass(slots=True)
+class StagedPdf:
+    """A downloaded, checked PDF waiting in its temporary file for ``publish``."""
+
+    temp_path: Path
+    final_path: Path
+    size: int
+    sha256: str
+    published: bool = False
+
+
+class PdfStore:
+    """The PDF folder. ``stage`` may run in worker threads; ``publish`` and ``discard`` in one."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+
+    def final_path(self, user_id: int, external_id: str) -> Path:
+        if not is_safe_name(external_id):
+            raise PdfError(f"order {external_id!r}: EXTERNAL_ORDER_ID is not a safe file name "
+                           "(letters, digits, '.', '_', '-' only, not starting with '.')")
+        if not isinstance(user_id, int) or user_id <= 0:
+            raise PdfError(f"order {external_id}: USER_ID {user_id!r} is not a positive integer")
+        return self.root / str(user_id) / f"{external_id}.pdf"
+
+    def _folder(self, path: Path) -> None:
+        for folder in (self.root, path.parent):
+            try:
+                folder.mkdir(mode=DIR_MODE, exist_ok=True)
+                if folder.stat().st_mode & 0o777 != DIR_MODE:
+                    os.chmod(folder, DIR_MODE)
+            except OSError as exc:
+                raise PdfError(f"cannot create PDF folder {folder}: {exc.strerror}") from exc
+
+    def stage(self, user_id: int, external_id: str, lis: LisClient) -> StagedPdf:
+        """Download the order's PDF into a temporary file beside its final place, and check it."""
+        final = self.final_path(user_id, external_id)
+        self._folder(final)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{external_id}.", suffix=TEMP_SUFFIX,
+                                        dir=final.parent)
+        except OSError as exc:
+            raise PdfError(f"order {external_id}: cannot write in {final.parent}: "
+                           f"{exc.strerror}") from exc
+        temp = Path(name)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "w+b") as sink:
+                lis.fetch_pdf(external_id, sink, max_bytes=self.max_bytes)
+                sink.flush()
+                os.fsync(sink.fileno())
+                size, digest = self._check(sink, external_id)
+            return StagedPdf(temp_path=temp, final_path=final, size=size, sha256=digest)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise PdfError(f"order {external_id}: cannot write PDF: {exc.strerror}") from exc
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def _check(self, sink: BinaryIO, external_id: str) -> tuple[int, str]:
+        """Re-read what was written: a PDF header and a size under the cap, whatever the adapter."""
+        sink.seek(0)
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        while chunk := sink.read(_CHUNK):
+            if not head:
+                head = chunk[:5]
+            size += len(chunk)
+            digest.update(chunk)
+        if head != b"%PDF-":
+            raise BadLisData(f"order {external_id}: the PDF form is not a PDF")
+        if size > self.max_bytes:
+            raise BadLisData(f"order {external_id}: the PDF form is over {self.max_bytes} bytes")
+        return size, digest.hexdigest()
+
+    def publish(self, staged: StagedPdf) -> Path:
+        """Rename the staged file into place (atomic) and make the rename durable."""
+        if staged.published:
+            return staged.final_path
+        try:
+            os.replace(staged.temp_path, staged.final_path)
+            dir_fd = os.open(staged.final_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise PdfError(f"cannot move PDF into {staged.final_path}: {exc.strerror}") from exc
+        staged.published = True
+        return staged.final_path
+
+    def discard(self, staged: StagedPdf | None) -> None:
+        if staged is not None and not staged.published:
+            staged.temp_path.unlink(missing_ok=True)
+
+    def sweep(self, older_than: float = 3600.0) -> int:
+        """Delete temporary files a crashed process left behind; return how many.
+
+        Only files older than ``older_than`` seconds go: another instance may be writing a
+        fresh one right now.
+        """
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than
+        removed = 0
+        for temp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
+            try:
+                if temp.stat().st_mtime < cutoff:
+                    temp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

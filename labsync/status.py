@@ -1,0 +1,149 @@
+"""``labsync status`` and ``labsync order``: what ops and support ask, read from the database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from labsync.config import Config
+from labsync.errors import StoreError
+from labsync.store.db import describe_db_error, make_engine
+from labsync.store.orders import PENDING, find_order, get_state, result_rows
+from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
+
+_AGE_BUCKETS = (("under 1 day", 1), ("1-7 days", 7), ("7-30 days", 30), ("over 30 days", None))
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _with_engine(config: Config, work: Any) -> Any:
+    engine = make_engine(config.database)
+    try:
+        return work(engine)
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(exc)) from exc
+    finally:
+        engine.dispose()
+
+
+def collect_status(config: Config) -> dict[str, Any]:
+    """Pending orders by status and age, failures in the last 24 h, the last pass, the mail."""
+    return _with_engine(config, lambda engine: _status(config, engine))
+
+
+def _status(config: Config, engine: Engine) -> dict[str, Any]:
+    o, s, p = local_lab_orders, labsync_orders, labsync_passes
+    today = datetime.now(config.site.timezone).date()
+    since = _utc_now() - timedelta(hours=24)
+    with engine.connect() as conn:
+        pending: dict[str, dict[str, int]] = {}
+        rows = conn.execute(select(o.c.STATUS, o.c.ORDER_DATE, func.count())
+                            .where(o.c.STATUS.in_(PENDING))
+                            .group_by(o.c.STATUS, o.c.ORDER_DATE))
+        for status, order_date, count in rows:
+            bucket = _age_bucket(today, order_date)
+            pending.setdefault(status, {}).setdefault(bucket, 0)
+            pending[status][bucket] += count
+        failures = [
+            {"order": r.EXTERNAL_ORDER_ID, "failures": r.FAILURES, "kind": r.LAST_ERROR_KIND,
+             "error": r.LAST_ERROR, "at": r.LAST_ERROR_AT, "next_poll": r.NEXT_POLL_AT}
+            for r in conn.execute(
+                select(s).where(and_(s.c.FAILURES > 0, s.c.LAST_ERROR_AT >= since))
+                .order_by(s.c.LAST_ERROR_AT.desc()).limit(50))
+        ]
+        last = conn.execute(select(p).order_by(p.c.ID.desc()).limit(1)).mappings().first()
+        queued = conn.execute(
+            select(func.count()).select_from(b_event).where(
+                b_event.c.SUCCESS_EXEC == "N",
+                b_event.c.EVENT_NAME.in_([config.notify.event_name,
+                                          config.notify.updated_event_name]))).scalar_one()
+    return {
+        "pending": pending,
+        "pending_total": sum(sum(b.values()) for b in pending.values()),
+        "failures_24h": failures,
+        "last_pass": dict(last) if last else None,
+        "mail_queued_unsent": queued,
+    }
+
+
+def _age_bucket(today: Any, order_date: Any) -> str:
+    if order_date is None:
+        return "no order date"
+    age = (today - order_date).days
+    for label, limit in _AGE_BUCKETS:
+        if limit is None or age < limit:
+            return label
+    return _AGE_BUCKETS[-1][0]
+
+
+def render_status(report: dict[str, Any]) -> str:
+    lines = [f"pending orders: {report['pending_total']}"]
+    for status, buckets in sorted(report["pending"].items()):
+        parts = ", ".join(f"{label}: {n}" for label, n in buckets.items())
+        lines.append(f"  {status}: {parts}")
+    last = report["last_pass"]
+    if last:
+        lines.append(
+            f"last pass: #{last['ID']} started {last['STARTED_AT']} UTC, "
+            f"outcome {last['OUTCOME'] or 'running'}, checked {last['CHECKED']}, completed "
+            f"{last['COMPLETED']}, failed {last['FAILED']}, mail events {last['EVENTS']}, "
+            f"{(last['DURATION_MS'] or 0) / 1000:.1f} s")
+    else:
+        lines.append("last pass: none yet")
+    lines.append(f"mail events waiting for the site to send: {report['mail_queued_unsent']}")
+    failures = report["failures_24h"]
+    lines.append(f"orders failing in the last 24 h: {len(failures)}")
+    for f in failures:
+        lines.append(f"  {f['order']}: {f['failures']}x, {f['kind']}: {f['error']} "
+                     f"(next try {f['next_poll']} UTC)")
+    return "\n".join(lines)
+
+
+def collect_order(config: Config, external_id: str) -> dict[str, Any] | None:
+    """Everything labsync knows of one order, or None if the site has no such order."""
+
+    def work(engine: Engine) -> dict[str, Any] | None:
+        with engine.connect() as conn:
+            order = find_order(conn, external_id)
+            if order is None:
+                return None
+            state = get_state(conn, order.ID)
+            results = result_rows(conn, order.ID)
+        return {
+            "order": dict(order._mapping),
+            "labsync": dict(state._mapping) if state else None,
+            "results": [dict(r._mapping) for r in results],
+        }
+
+    return _with_engine(config, work)  # type: ignore[no-any-return]
+
+
+def render_order(report: dict[str, Any]) -> str:
+    order, state = report["order"], report["labsync"]
+    lines = [f"order {order['EXTERNAL_ORDER_ID']} (local ID {order['ID']}, user "
+             f"{order['USER_ID']}, ordered {order['ORDER_DATE']}): {order['STATUS']}, "
+             f"synced {order['SYNCED_AT'] or 'never'}"]
+    if state is None:
+        lines.append("  labsync has not polled it yet")
+    else:
+        lines += [
+            f"  first seen {state['FIRST_SEEN_AT']} UTC; polls {state['POLLS']}; last poll "
+            f"{state['LAST_POLL_AT']} UTC; LIS status {state['LIS_STATUS']}",
+            f"  failures: {state['FAILURES']} in a row, {state['FAILURES_TOTAL']} in all; last "
+            f"error: {state['LAST_ERROR'] or 'none'}",
+            f"  next poll: {state['NEXT_POLL_AT'] or 'next pass'}",
+            f"  PDF: {state['PDF_PATH'] or 'none'}"
+            + (f" ({state['PDF_BYTES']} bytes)" if state["PDF_BYTES"] else ""),
+            f"  mail: {state['MAIL_STATE'] or 'not yet'}"
+            + (f", b_event #{state['MAIL_EVENT_ID']}" if state["MAIL_EVENT_ID"] else ""),
+        ]
+    lines.append(f"  results stored: {len(report['results'])}")
+    for r in report["results"]:
+        flag = "  [abnormal]" if r["IS_ABNORMAL"] == "Y" else ""
+        lines.append(f"    {r['TEST_NAME']}: {r['RESULT_VALUE']} {r['RESULT_UNIT'] or ''}{flag}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Database access: table definitions, the engine, and the few queries labsync needs."""

@@ -1,0 +1,179 @@
+"""Queries on the site's lab tables and labsync's own bookkeeping of each order."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, or_, select, update
+
+from labsync.store.tables import labsync_orders, labsync_passes, local_lab_orders, local_lab_results
+
+PENDING = ("received", "processing")
+RESULT_COLUMNS = (
+    "TEST_CODE", "TEST_NAME", "RESULT_VALUE", "RESULT_UNIT", "REFERENCE_MIN",
+    "REFERENCE_MAX", "IS_ABNORMAL", "RESULT_DATE", "PDF_PATH",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOrder:
+    """A row of ``local_lab_orders`` that still waits for the LIS."""
+
+    id: int
+    external_id: str
+    user_id: int
+    status: str | None
+    order_date: date | None
+
+
+def _order_from_row(row: Any) -> PendingOrder:
+    return PendingOrder(id=row.ID, external_id=row.EXTERNAL_ORDER_ID, user_id=row.USER_ID,
+                        status=row.STATUS, order_date=row.ORDER_DATE)
+
+
+def pending_page(
+    conn: Connection, *, after_id: int, limit: int, now_utc: datetime, due_only: bool = True
+) -> list[PendingOrder]:
+    """The next ``limit`` pending orders with ID above ``after_id`` (keyset paging).
+
+    ``due_only`` skips orders whose next poll time (set after a failure) is still ahead.
+    """
+    o, s = local_lab_orders, labsync_orders
+    query = (
+        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE)
+        .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
+        .where(o.c.ID > after_id, or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None)))
+        .order_by(o.c.ID)
+        .limit(limit)
+    )
+    if due_only:
+        query = query.where(or_(s.c.NEXT_POLL_AT.is_(None), s.c.NEXT_POLL_AT <= now_utc))
+    return [_order_from_row(r) for r in conn.execute(query)]
+
+
+def lock_order(conn: Connection, order_id: int) -> PendingOrder | None:
+    """Re-read the order inside the caller's transaction, holding its row lock until commit."""
+    o = local_lab_orders
+    row = conn.execute(
+        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE)
+        .where(o.c.ID == order_id)
+        .with_for_update()
+    ).first()
+    return None if row is None else _order_from_row(row)
+
+
+def find_order(conn: Connection, external_id: str) -> Any:
+    return conn.execute(
+        select(local_lab_orders).where(local_lab_orders.c.EXTERNAL_ORDER_ID == external_id)
+    ).first()
+
+
+def set_order_status(
+    conn: Connection, order_id: int, status: str, synced_at: datetime | None
+) -> None:
+    values: dict[str, Any] = {"STATUS": status}
+    if synced_at is not None:
+        values["SYNCED_AT"] = synced_at.replace(microsecond=0)
+    conn.execute(update(local_lab_orders).where(local_lab_orders.c.ID == order_id).values(values))
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+def result_key(code: str | None, name: str | None) -> str:
+    """What identifies a result row within its order: its code, or its name without one."""
+    return code if code else f"name:{name}"
+
+
+def _keyed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Rows by key; a key seen again gets ``#2``, ``#3``… so repeated tests stay distinct."""
+    seen: dict[str, int] = {}
+    keyed: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        base = result_key(row["TEST_CODE"], row["TEST_NAME"])
+        seen[base] = seen.get(base, 0) + 1
+        keyed[base if seen[base] == 1 else f"{base}#{seen[base]}"] = row
+    return keyed
+
+
+@dataclass(frozen=True, slots=True)
+class ResultChanges:
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.inserted or self.updated or self.deleted)
+
+
+def write_results(
+    conn: Connection, order_id: int, rows: Sequence[Mapping[str, Any]]
+) -> ResultChanges:
+    """Make the order's result rows equal ``rows``: insert new tests, update changed ones in
+    place, delete tests the LIS no longer lists (and twins an older agent left behind).
+
+    Idempotent: the second call with the same rows changes nothing. New rows go in as one
+    multi-row INSERT.
+    """
+    r = local_lab_results
+    existing_rows = conn.execute(
+        select(r).where(r.c.ORDER_ID == order_id).order_by(r.c.ID).with_for_update()
+    ).mappings().all()
+    existing = _keyed(existing_rows)
+    wanted = _keyed(rows)
+    to_insert = [dict(row, ORDER_ID=order_id) for k, row in wanted.items() if k not in existing]
+    to_delete = [row["ID"] for k, row in existing.items() if k not in wanted]
+    updated = 0
+    for key, row in wanted.items():
+        old = existing.get(key)
+        if old is None:
+            continue
+        changed = {c: row[c] for c in RESULT_COLUMNS if old[c] != row[c]}
+        if changed:
+            conn.execute(update(r).where(r.c.ID == old["ID"]).values(changed))
+            updated += 1
+    if to_delete:
+        conn.execute(delete(r).where(r.c.ID.in_(to_delete)))
+    if to_insert:
+        conn.execute(insert(r), to_insert)
+    return ResultChanges(inserted=len(to_insert), updated=updated, deleted=len(to_delete))
+
+
+def result_rows(conn: Connection, order_id: int) -> list[Any]:
+    r = local_lab_results
+    return list(conn.execute(select(r).where(r.c.ORDER_ID == order_id).order_by(r.c.TEST_NAME,
+                                                                                  r.c.ID)))
+
+
+# -- labsync's bookkeeping ----------------------------------------------------------------------
+
+
+def get_state(conn: Connection, order_id: int) -> Any:
+    return conn.execute(select(labsync_orders).where(labsync_orders.c.ORDER_ID == order_id)).first()
+
+
+def save_state(
+    conn: Connection, order: PendingOrder, now_utc: datetime, values: Mapping[str, Any],
+    *, exists: bool,
+) -> None:
+    """Insert or update the order's bookkeeping row. The caller holds the order's row lock."""
+    s = labsync_orders
+    if exists:
+        conn.execute(update(s).where(s.c.ORDER_ID == order.id).values(dict(values)))
+    else:
+        conn.execute(insert(s).values(ORDER_ID=order.id, EXTERNAL_ORDER_ID=order.external_id,
+                                      FIRST_SEEN_AT=now_utc, **values))
+
+
+def record_pass(conn: Connection, values: Mapping[str, Any]) -> int:
+    return int(conn.execute(insert(labsync_passes).values(dict(values))).inserted_primary_key[0])
+
+
+def finish_pass(conn: Connection, pass_id: int, values: Mapping[str, Any]) -> None:
+    conn.execute(update(labsync_passes).where(labsync_passes.c.ID == pass_id).values(dict(values)))
+
+

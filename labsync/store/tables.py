@@ -1,0 +1,202 @@
+"""SQLAlchemy Core definitions of every table labsync touches.
+
+- ``local_lab_orders`` / ``local_lab_results``: the site's tables, exactly the brief's DDL.
+  ``init-db`` creates them only when missing and never alters them.
+- ``b_user``, ``b_user_phone_auth``, ``b_event``, ``b_event_log``: Bitrix's own tables,
+  defined here for querying (and for the demo's SQLite file). labsync never creates them on
+  a real site: ``BITRIX_TABLES`` is kept out of ``init-db``.
+- ``labsync_*``: labsync's own bookkeeping. Its DATETIME columns hold UTC; the site's
+  columns hold the site's naive local time (``site.timezone``), as PHP writes them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Enum,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.mysql import CHAR, LONGTEXT, MEDIUMTEXT, TIMESTAMP
+
+metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; MySQL gets the brief's BIGINT.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+_Char1 = String(1).with_variant(CHAR(1), "mysql", "mariadb")
+_LongText = Text().with_variant(LONGTEXT(), "mysql", "mariadb")
+_MediumText = Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
+
+ORDER_STATUSES = ("received", "processing", "completed", "cancelled")
+
+# -- the site's lab tables (the brief's DDL) ---------------------------------------------
+
+local_lab_orders = Table(
+    "local_lab_orders",
+    metadata,
+    Column("ID", _BigId, primary_key=True, autoincrement=True),
+    Column("USER_ID", Integer, nullable=False),
+    Column("EXTERNAL_ORDER_ID", String(100), nullable=False, unique=True),
+    Column("ORDER_DATE", Date),
+    Column(
+        "STATUS",
+        Enum(*ORDER_STATUSES, native_enum=True, create_constraint=False),
+        server_default="received",
+    ),
+    Column("SYNCED_AT", DateTime),
+    Index("idx_user", "USER_ID"),
+    Index("idx_external", "EXTERNAL_ORDER_ID"),
+)
+
+local_lab_results = Table(
+    "local_lab_results",
+    metadata,
+    Column("ID", _BigId, primary_key=True, autoincrement=True),
+    Column("ORDER_ID", BigInteger, nullable=False),
+    Column("TEST_CODE", String(50)),
+    Column("TEST_NAME", String(500)),
+    Column("RESULT_VALUE", String(500)),
+    Column("RESULT_UNIT", String(100)),
+    Column("REFERENCE_MIN", String(100)),
+    Column("REFERENCE_MAX", String(100)),
+    Column("IS_ABNORMAL", _Char1, server_default="N"),
+    Column("RESULT_DATE", DateTime),
+    Column("PDF_PATH", String(500)),
+    Index("idx_order", "ORDER_ID"),
+)
+
+SITE_TABLES = (local_lab_orders, local_lab_results)
+
+# -- Bitrix core tables (read and appended to; never created on a real site) -------------
+
+b_user = Table(
+    "b_user",
+    metadata,
+    Column("ID", Integer, primary_key=True, autoincrement=True),
+    Column("LOGIN", String(50), nullable=False),
+    Column("ACTIVE", _Char1, nullable=False, server_default="Y"),
+    Column("BLOCKED", _Char1, nullable=False, server_default="N"),
+    Column("NAME", String(50)),
+    Column("LAST_NAME", String(50)),
+    Column("SECOND_NAME", String(50)),
+    Column("EMAIL", String(255)),
+    Column("LID", String(2)),
+    Column("PERSONAL_PHONE", String(255)),
+    Column("PERSONAL_MOBILE", String(255)),
+    Column("WORK_PHONE", String(255)),
+    Column("PERSONAL_BIRTHDAY", Date),
+    Column("XML_ID", String(255)),
+    Column("EXTERNAL_AUTH_ID", String(255)),
+    Column("LANGUAGE_ID", String(2)),
+    Column("DATE_REGISTER", DateTime, nullable=False),
+    Column("LAST_LOGIN", DateTime),
+)
+
+b_user_phone_auth = Table(
+    "b_user_phone_auth",
+    metadata,
+    Column("USER_ID", Integer, primary_key=True, autoincrement=False),
+    Column("PHONE_NUMBER", String(25), nullable=False, unique=True),
+    Column("OTP_SECRET", Text),
+    Column("ATTEMPTS", Integer, server_default="0"),
+    Column("CONFIRMED", _Char1, server_default="N"),
+    Column("DATE_SENT", DateTime),
+)
+
+b_event = Table(
+    "b_event",
+    metadata,
+    Column("ID", Integer, primary_key=True, autoincrement=True),
+    Column("EVENT_NAME", String(255), nullable=False),
+    Column("MESSAGE_ID", Integer),
+    Column("LID", String(255), nullable=False),
+    Column("C_FIELDS", _LongText),
+    Column("DATE_INSERT", DateTime),
+    Column("DATE_EXEC", DateTime),
+    Column("SUCCESS_EXEC", _Char1, nullable=False, server_default="N"),
+    Column("DUPLICATE", _Char1, nullable=False, server_default="Y"),
+    Column("LANGUAGE_ID", String(2)),
+)
+
+b_event_log = Table(
+    "b_event_log",
+    metadata,
+    Column("ID", Integer, primary_key=True, autoincrement=True),
+    Column("TIMESTAMP_X", DateTime().with_variant(TIMESTAMP(), "mysql", "mariadb")),
+    Column("SEVERITY", String(50), nullable=False),
+    Column("AUDIT_TYPE_ID", String(50), nullable=False),
+    Column("MODULE_ID", String(50), nullable=False),
+    Column("ITEM_ID", String(255), nullable=False),
+    Column("REMOTE_ADDR", String(40)),
+    Column("USER_AGENT", Text),
+    Column("REQUEST_URI", Text),
+    Column("SITE_ID", String(2)),
+    Column("USER_ID", Integer),
+    Column("GUEST_ID", Integer),
+    Column("DESCRIPTION", _MediumText),
+)
+
+BITRIX_TABLES = (b_user, b_user_phone_auth, b_event, b_event_log)
+
+# -- labsync's own tables -----------------------------------------------------------------
+
+_OWN = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mariadb_engine": "InnoDB",
+        "mariadb_charset": "utf8mb4"}
+
+labsync_orders = Table(
+    "labsync_orders",
+    metadata,
+    Column("ORDER_ID", BigInteger, primary_key=True, autoincrement=False),
+    Column("EXTERNAL_ORDER_ID", String(100), nullable=False),
+    Column("FIRST_SEEN_AT", DateTime, nullable=False),
+    Column("LAST_POLL_AT", DateTime),
+    Column("POLLS", Integer, nullable=False, server_default="0"),
+    Column("FAILURES", Integer, nullable=False, server_default="0"),  # consecutive
+    Column("FAILURES_TOTAL", Integer, nullable=False, server_default="0"),
+    Column("LAST_ERROR_KIND", String(50)),
+    Column("LAST_ERROR", String(1000)),
+    Column("LAST_ERROR_AT", DateTime),
+    Column("NEXT_POLL_AT", DateTime),
+    Column("LIS_STATUS", String(20)),
+    Column("RESULTS_HASH", String(64)),
+    Column("RESULTS_COUNT", Integer),
+    Column("PDF_PATH", String(500)),
+    Column("PDF_SHA256", String(64)),
+    Column("PDF_BYTES", BigInteger),
+    Column("COMPLETED_AT", DateTime),
+    Column("MAIL_STATE", String(30)),  # queued | no_email | inactive | no_user
+    Column("MAIL_EVENT_ID", Integer),
+    Column("NOTIFIED_AT", DateTime),
+    Index("ix_labsync_orders_next_poll", "NEXT_POLL_AT"),
+    Index("ix_labsync_orders_external", "EXTERNAL_ORDER_ID"),
+    **_OWN,
+)
+
+labsync_passes = Table(
+    "labsync_passes",
+    metadata,
+    Column("ID", _BigId, primary_key=True, autoincrement=True),
+    Column("STARTED_AT", DateTime, nullable=False),
+    Column("FINISHED_AT", DateTime),
+    Column("HOST", String(255)),
+    Column("PID", Integer),
+    Column("CHECKED", Integer, nullable=False, server_default="0"),
+    Column("COMPLETED", Integer, nullable=False, server_default="0"),
+    Column("CANCELLED", Integer, nullable=False, server_default="0"),
+    Column("PENDING", Integer, nullable=False, server_default="0"),
+    Column("FAILED", Integer, nullable=False, server_default="0"),
+    Column("EVENTS", Integer, nullable=False, server_default="0"),
+    Column("OUTCOME", String(30)),  # ok | lis_auth | interrupted
+    Column("DURATION_MS", Integer),
+    Index("ix_labsync_passes_started", "STARTED_AT"),
+    **_OWN,
+)
+
+OWN_TABLES = (labsync_orders, labsync_passes)

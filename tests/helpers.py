@@ -1,0 +1,60 @@
+"""Small helpers the engine tests share."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from labsync.app import open_app
+from labsync.config import Config
+from labsync.lis.qlab import QlabClient
+from labsync.store.tables import local_lab_orders, local_lab_results
+from labsync.sync import PassSummary, SyncEngine
+
+
+def run_pass(config: Config, *, due_only: bool = False, now: Any = None) -> PassSummary:
+    """One real pass, as `sync-once --all` runs it, but retry waits do not really sleep."""
+    lis = QlabClient(config.lis, sleep=lambda _s: None)
+    with open_app(config, lis=lis) as app:
+        engine = app.sync
+        if now is not None:
+            engine = SyncEngine(config, app.engine, lis, app.fitter, now=now)
+        return engine.run_pass(due_only=due_only)
+
+
+def results(db: Any, external_id: str) -> list[Any]:
+    """The order's result rows, typed (datetimes as datetime on SQLite too)."""
+    r, o = local_lab_results, local_lab_orders
+    query = (select(r).join(o, o.c.ID == r.c.ORDER_ID).where(o.c.EXTERNAL_ORDER_ID == external_id)
+             .order_by(r.c.TEST_CODE, r.c.ID))
+    with db.engine.connect() as conn:
+        return list(conn.execute(query))
+
+
+def order_row(db: Any, external_id: str) -> Any:
+    return db.rows("SELECT * FROM local_lab_orders WHERE EXTERNAL_ORDER_ID = :ext",
+                   ext=external_id)[0]
+
+
+def events(db: Any) -> list[Any]:
+    return db.rows("SELECT * FROM b_event ORDER BY ID")
+
+
+def event_log(db: Any) -> list[Any]:
+    return db.rows("SELECT * FROM b_event_log ORDER BY ID")
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+RESULTS = [
+    {"code": "HGB", "name": "Haemoglobin", "value": 128, "unit": "g/L", "ref_min": "120",
+     "ref_max": "160", "abnormal": False, "result_date": "2026-11-20T09:30:00+03:00"},
+    {"code": "GLU", "name": "Glucose", "value": "7.9", "unit": "mmol/L", "ref_min": "3.9",
+     "ref_max": "6.1", "abnormal": True, "result_date": "2026-11-20T09:30:00+03:00"},
+    {"code": "HIV", "name": "HIV 1/2 antibodies", "value": "negative", "unit": None,
+     "ref_min": None, "ref_max": None, "abnormal": None, "result_date": "2026-11-20T10:00:00"},
+]
