@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labsync", description="Lab results from the LIS into the Bitrix personal account.")
     parser.add_argument("--config", metavar="FILE",
-                        help="config file (default: $LABSYNC_CONFIG, then /etc/labsync/labsync.toml)")
+                        help="config file (default: $LABSYNC_CONFIG, then "
+                             "/etc/labsync/labsync.toml)")
     parser.add_argument("--version", action="version", version=f"labsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("init-db", help="create labsync's tables (and the lab tables if missing)")

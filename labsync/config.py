@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import URL, make_url
@@ -175,7 +175,7 @@ def from_mapping(
 class _Reader:
     """Reads keys one by one, collecting every problem instead of stopping at the first."""
 
-    _KNOWN: dict[str, set[str]] = {
+    _KNOWN: ClassVar[dict[str, set[str]]] = {
         "database": {"url", "password_file", "pool_size"},
         "site": {"timezone", "document_root"},
         "lis": {

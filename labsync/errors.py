@@ -24,7 +24,7 @@ class LabsyncError(Exception):
 
 
 class ConfigError(LabsyncError):
-    """The configuration cannot be used. ``problems`` holds one line per problem, each naming its key."""
+    """The configuration cannot be used. ``problems``: one line per problem, naming its key."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)

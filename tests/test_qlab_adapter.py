@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import Any
@@ -377,12 +379,13 @@ def test_404_on_results_is_unknown_order(client, requests_mock) -> None:
     with pytest.raises(UnknownOrder) as caught:
         client.fetch_order("A1")
     assert caught.value.status == 404 and requests_mock.call_count == 1
+    assert str(caught.value) == "results of order A1: the order is unknown to the LIS (HTTP 404)"
 
 
 def test_404_on_pdf_is_pdf_not_ready(client, requests_mock) -> None:
     requests_mock.get(PDF_URL, status_code=404, json={"error": "pdf not ready"})
 
-    with pytest.raises(PdfNotReady):
+    with pytest.raises(PdfNotReady, match="PDF of order A1: the PDF is not ready yet"):
         client.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
 
 
@@ -935,3 +938,40 @@ NOW = datetime(2024, 5, 14, 12, 0, 0, tzinfo=UTC)
 )
 def test_retry_after_is_parsed_as_seconds_or_http_date(header, seconds) -> None:
     assert parse_retry_after(header, now=NOW) == seconds
+
+
+def test_lis_sent_order_id_is_sanitised_in_messages(client, requests_mock) -> None:
+    orders = [{"id": "Q\n2024-01-01 fake log line\x1b[0m", "status": "lost"}]
+    requests_mock.get(f"{BASE}/orders", **ok(json.dumps(orders)))
+
+    with pytest.raises(BadLisData) as caught:
+        client.find_orders("+79991234567", date(2024, 5, 1))
+
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+def test_order_id_with_a_lone_surrogate_is_refused_unsent(client, requests_mock) -> None:
+    requests_mock.get(ANY, status_code=404)
+
+    with pytest.raises(PermanentLisError, match="not valid text"):
+        client.fetch_order("A\ud800")
+    assert requests_mock.call_count == 0
+
+
+def test_close_closes_the_session_of_every_thread(fake_time, requests_mock, monkeypatch) -> None:
+    closed: list[requests.Session] = []
+    monkeypatch.setattr(requests.Session, "close", lambda self: closed.append(self))
+    client = make_client(fake_time)
+    requests_mock.get(RESULTS_URL, **ok(order_json()))
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        barrier = threading.Barrier(3)
+
+        def fetch(_: int) -> None:
+            barrier.wait()  # three threads at once, so three sessions
+            client.fetch_order("A1")
+
+        list(pool.map(fetch, range(3)))
+    client.close()
+
+    assert len(set(map(id, closed))) == 3

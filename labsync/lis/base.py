@@ -26,7 +26,7 @@ class LisClient(abc.ABC):
 
     @abc.abstractmethod
     def fetch_order(self, external_id: str) -> LisOrder:
-        """The order's status and the results it has so far. ``UnknownOrder`` if the LIS has none."""
+        """The order's status and results so far; ``UnknownOrder`` if the LIS has no such order."""
 
     @abc.abstractmethod
     def fetch_pdf(self, external_id: str, sink: BinaryIO, *, max_bytes: int) -> int:

@@ -34,7 +34,15 @@ from tenacity.wait import wait_exponential, wait_random
 
 from labsync import __version__
 from labsync.config import LisConfig
-from labsync.errors import BadLisData, LisAuthError, LisError, PermanentLisError, TransientLisError
+from labsync.errors import (
+    BadLisData,
+    LisAuthError,
+    LisError,
+    PdfNotReady,
+    PermanentLisError,
+    TransientLisError,
+    UnknownOrder,
+)
 
 log = structlog.get_logger("labsync.lis")
 
@@ -47,6 +55,7 @@ EDGE_BYTES = 1024  # how much of a download's start and end ``stream_to`` hands 
 # reorder an operator's terminal, so an excerpt shows "?" instead.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 _DELTA_SECONDS = re.compile(r"^\s*(\d+)\s*$")
+_MEDIA_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,64}$")
 
 #: ``check(head, tail)`` of a finished download: its first and last ``EDGE_BYTES`` bytes.
 BodyCheck = Callable[[bytes, bytes], None]
@@ -69,11 +78,13 @@ def quote_id(external_id: str) -> str:
     """``external_id`` as one URL path segment: ``a/b`` and ``../x`` cannot change the path."""
     # "." and ".." survive quoting and would be resolved as dot segments by urllib3.
     if not isinstance(external_id, str) or external_id in ("", ".", ".."):
-        raise PermanentLisError(f"order id {external_id!r} cannot be used in a URL")
+        raise PermanentLisError(f"order id {excerpt(repr(external_id))} cannot be used in a URL")
     try:
         return quote(external_id, safe="")
     except UnicodeEncodeError:  # a lone surrogate
-        raise PermanentLisError(f"order id {external_id!r} is not valid text") from None
+        raise PermanentLisError(
+            f"order id {excerpt(repr(external_id))} is not valid text"
+        ) from None
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -120,6 +131,13 @@ def _body_excerpt(response: requests.Response, redact: Sequence[str]) -> str:
     return excerpt(data.decode("utf-8", errors="replace"), redact=redact)
 
 
+# What a 404 means, in words an admin reads in the site's event log.
+_NOT_FOUND_WORDS: dict[type[PermanentLisError], str] = {
+    UnknownOrder: "the order is unknown to the LIS",
+    PdfNotReady: "the PDF is not ready yet",
+}
+
+
 def classify_response(
     response: requests.Response,
     *,
@@ -139,7 +157,8 @@ def classify_response(
     if status in (401, 403):
         raise LisAuthError(f"{what}: the LIS refused the API key (HTTP {status})", status=status)
     if status == 404:
-        raise not_found(f"{what}: not found (HTTP 404)", status=status)
+        meaning = _NOT_FOUND_WORDS.get(not_found, "not found")
+        raise not_found(f"{what}: {meaning} (HTTP 404)", status=status)
     if status < 400:
         # Redirects are not followed: requests would forward X-Api-Key to any other host.
         raise PermanentLisError(f"{what}: unexpected redirect (HTTP {status})", status=status)
@@ -237,7 +256,8 @@ def _check_json_type(response: requests.Response, what: str) -> None:
         return  # some servers omit it; the parser still refuses anything that is not JSON
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise BadLisData(f"{what}: expected JSON, got {excerpt(media) or 'no media type'}")
+        shown = media if _MEDIA_TYPE.match(media) else "an unreadable media type"
+        raise BadLisData(f"{what}: expected JSON, got {shown}")
 
 
 class RateLimiter:

@@ -38,14 +38,14 @@ class QlabClient(LisClient):
         """``GET /orders/{id}/results``; 404 is ``UnknownOrder``."""
         data = self._http.get_json(
             f"/orders/{quote_id(external_id)}/results",
-            what=f"results of order {external_id}",
+            what=f"results of order {excerpt(external_id)}",
             not_found=UnknownOrder,
         )
         return self._validated(parse_order, external_id, data)
 
     def fetch_pdf(self, external_id: str, sink: BinaryIO, *, max_bytes: int) -> int:
         """``GET /orders/{id}/pdf`` streamed into ``sink``; 404 is ``PdfNotReady``."""
-        what = f"PDF of order {external_id}"
+        what = f"PDF of order {excerpt(external_id)}"
         return self._http.stream_to(
             f"/orders/{quote_id(external_id)}/pdf",
             sink,
@@ -99,7 +99,7 @@ class QlabClient(LisClient):
 
 def parse_order(external_id: str, data: Any) -> LisOrder:
     """A ``/orders/{id}/results`` body as a ``LisOrder``, or ``BadLisData``."""
-    where = f"order {external_id}"
+    where = f"order {excerpt(external_id)}"
     body = _object(data, where)
     for key in ("id", "order_id"):
         sent = body.get(key)
@@ -136,7 +136,7 @@ def _result(data: Any, where: str) -> TestResult:
     name = _scalar(item.get("name"), f"{where}.name") or None
     if code is None and name is None:
         raise BadLisData(f"{where}: has neither a code nor a name")
-    test = f"{where} ({code or name})"  # later messages say which test, not just its index
+    test = f"{where} ({excerpt(code or name or '')})"  # later messages name the test too
     abnormal = item.get("abnormal")
     if abnormal is not None and not isinstance(abnormal, bool):
         raise BadLisData(f"{test}.abnormal: must be true, false or null")
@@ -155,7 +155,7 @@ def _result(data: Any, where: str) -> TestResult:
 def _order_ref(data: Any, where: str) -> LisOrderRef:
     item = _object(data, where)
     external_id = _order_id(item.get("id"), f"{where}.id")
-    where = f"{where} (order {external_id})"
+    where = f"{where} (order {excerpt(external_id)})"  # an LIS-sent id: shown sanitised
     patient_data = item.get("patient")
     patient = Patient() if patient_data is None else _patient(patient_data, f"{where}.patient")
     return LisOrderRef(

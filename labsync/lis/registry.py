@@ -23,4 +23,4 @@ def make_client(config: LisConfig) -> LisClient:
     """The configured adapter. ``config.adapter`` was validated against ``adapter_names()``."""
     module_name, class_name = _ADAPTERS[config.adapter].split(":")
     cls = getattr(import_module(module_name), class_name)
-    return cls(config)  # type: ignore[no-any-return]
+    return cls(config)  # type: ignore[no-any-return,unused-ignore]
