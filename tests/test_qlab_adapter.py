@@ -31,7 +31,8 @@ from labsync.errors import (
     TransientLisError,
     UnknownOrder,
 )
-from labsync.lis.http import JsonNumber, parse_retry_after
+from labsync.lis.classify import parse_retry_after
+from labsync.lis.http import JsonNumber
 from labsync.lis.qlab import QlabClient
 from labsync.model import OrderStatus, Patient
 from labsync.testing.pdfs import sample_pdf

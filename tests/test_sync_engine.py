@@ -273,15 +273,13 @@ def test_oversized_pdf_is_refused(db, fake_lis, tmp_path):
     assert "10000" in db.scalar("SELECT LAST_ERROR FROM labsync_orders")
 
 
-@pytest.mark.parametrize("external_id", ["../../x", "a/b", ".hidden", "..", "x" * 101])
+@pytest.mark.parametrize("external_id", ["../../x", "a/b", ".hidden", "..", "a\\b", "a b",
+                                         "x\x00y"])
 def test_unsafe_external_order_id_never_becomes_a_path(db, fake_lis, config, tmp_path,
                                                        external_id):
     add_user(db, 7)
-    if len(external_id) <= 100:
-        add_order(db, external_id, 7)
-        fake_lis.add_order(external_id, results=RESULTS)
-    else:
-        pytest.skip("the column holds 100 characters: such an id cannot be in the site's table")
+    add_order(db, external_id, 7)
+    fake_lis.add_order(external_id, results=RESULTS)
 
     summary = run_pass(config)
 

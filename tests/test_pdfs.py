@@ -1,0 +1,103 @@
+"""PdfStore on its own: names, modes, atomic placement, clean-up."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import time
+
+import pytest
+
+from labsync.errors import BadLisData, PdfError, PdfNotReady
+from labsync.pdfs import PdfStore, is_safe_name
+from labsync.testing.pdfs import sample_pdf
+
+
+class _Lis:
+    """Just enough of an LIS client for PdfStore: writes ``body`` or raises ``error``."""
+
+    def __init__(self, body: bytes = b"", error: Exception | None = None) -> None:
+        self.body, self.error = body, error
+
+    def fetch_pdf(self, external_id: str, sink: io.BufferedIOBase, *, max_bytes: int) -> int:
+        sink.write(self.body[: len(self.body) // 2])
+        if self.error:
+            raise self.error
+        sink.write(self.body[len(self.body) // 2:])
+        return len(self.body)
+
+
+@pytest.mark.parametrize("name, safe", [
+    ("QL-1001", True), ("a.b_c-1", True), ("CON", True), ("x" * 100, True),
+    ("x" * 101, False), ("", False), (".hidden", False), ("..", False), ("../../x", False),
+    ("a/b", False), ("a\\b", False), ("a b", False), ("é", False), ("a\x00", False),
+    ("-rf", True),
+])
+def test_safe_names(name, safe):
+    assert is_safe_name(name) is safe
+
+
+def test_stage_then_publish_places_a_0640_file_in_a_0750_folder_whatever_the_umask(tmp_path):
+    old = os.umask(0o000)
+    try:
+        store = PdfStore(tmp_path / "pdfs", max_bytes=10_000)
+        staged = store.stage(7, "A-1", _Lis(sample_pdf()))
+        assert not staged.final_path.exists() and staged.temp_path.exists()
+        assert staged.temp_path.name.startswith(".")
+        path = store.publish(staged)
+    finally:
+        os.umask(old)
+    assert path == tmp_path / "pdfs" / "7" / "A-1.pdf"
+    assert path.read_bytes() == sample_pdf()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+    assert not staged.temp_path.exists()
+
+
+def test_a_failed_download_leaves_no_file_at_all(tmp_path):
+    store = PdfStore(tmp_path, max_bytes=10_000)
+    with pytest.raises(PdfNotReady):
+        store.stage(7, "A-1", _Lis(sample_pdf(), error=PdfNotReady("not ready")))
+    assert list((tmp_path / "7").iterdir()) == []
+
+
+def test_not_a_pdf_is_refused_even_if_the_adapter_let_it_through(tmp_path):
+    store = PdfStore(tmp_path, max_bytes=10_000)
+    with pytest.raises(BadLisData):
+        store.stage(7, "A-1", _Lis(b"<html>oops</html>"))
+    assert list((tmp_path / "7").iterdir()) == []
+
+
+def test_unwritable_folder_is_a_clear_pdf_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere; covered by the disk-full test instead")
+    root = tmp_path / "ro"
+    root.mkdir(mode=0o500)
+    with pytest.raises(PdfError, match="cannot"):
+        PdfStore(root, 10_000).stage(7, "A-1", _Lis(sample_pdf()))
+
+
+def test_disk_full_is_a_clear_pdf_error_and_leaves_nothing(tmp_path):
+    class _Full:
+        def fetch_pdf(self, external_id, sink, *, max_bytes):
+            raise OSError(28, "No space left on device")
+
+    store = PdfStore(tmp_path, max_bytes=10_000)
+    with pytest.raises(PdfError, match="No space left on device"):
+        store.stage(7, "A-1", _Full())
+    assert list((tmp_path / "7").iterdir()) == []
+
+
+def test_sweep_removes_only_old_temporary_files(tmp_path):
+    store = PdfStore(tmp_path, max_bytes=10_000)
+    folder = tmp_path / "7"
+    folder.mkdir()
+    old, fresh, real = folder / ".A-1.x.part", folder / ".A-2.y.part", folder / "A-3.pdf"
+    for path in (old, fresh, real):
+        path.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(real, (past, past))
+    assert store.sweep(older_than=3600) == 1
+    assert not old.exists() and fresh.exists() and real.exists()
