@@ -204,7 +204,9 @@ class _Reader:
     def _section(self, name: str) -> Mapping[str, Any]:
         value = self.raw.get(name, {})
         if not isinstance(value, Mapping):
-            self.problems.append(f"{name}: must be a table ([{name}])")
+            problem = f"{name}: must be a table ([{name}])"
+            if problem not in self.problems:  # every key of the section asks; say it once
+                self.problems.append(problem)
             return {}
         return value
 
@@ -248,14 +250,24 @@ class _Reader:
             return Secret("")
         if file_name is not None:
             try:
-                return Secret(Path(file_name).read_text(encoding="utf-8").strip())
+                value = Path(file_name).read_text(encoding="utf-8").strip()
             except OSError as exc:
                 self.problems.append(f"{file_key}: cannot read {file_name} ({exc.strerror})")
                 return Secret("")
+            except UnicodeDecodeError:
+                self.problems.append(f"{file_key}: {file_name} is not UTF-8 text")
+                return Secret("")
+            if required and not value:
+                self.problems.append(f"{file_key}: {file_name} is empty")
+            return Secret(value)
         if inline is None:
-            if required:
+            # Present but not expanded (an unset ${VAR}) was reported already by get().
+            table = self._section(section)
+            if required and name not in table and f"{name}_file" not in table:
                 self.problems.append(f"{key}: required (or {file_key})")
             return Secret("")
+        if required and not inline:
+            self.problems.append(f"{key}: is empty")
         return Secret(inline)
 
     def duration(self, section: str, name: str, default: float) -> float:
