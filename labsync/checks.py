@@ -67,6 +67,11 @@ def _check_lis(config: Config, problems: list[str], notes: list[str]) -> None:
 
 def _check_pdf_dir(config: Config, problems: list[str], notes: list[str]) -> None:
     folder = config.pdf.dir
+    root = config.site.document_root
+    # Checked first: a folder labsync has yet to create inside the web root is as exposed.
+    if root is not None and _inside(folder, root):
+        problems.append(f"pdf.dir: {folder} is inside the web root {root}: the web server "
+                        "could serve the PDFs without the access check; move it outside")
     if not folder.exists():
         parent = _existing_parent(folder)
         if os.access(parent, os.W_OK):
@@ -83,10 +88,6 @@ def _check_pdf_dir(config: Config, problems: list[str], notes: list[str]) -> Non
     if mode & stat.S_IRWXO:
         problems.append(f"pdf.dir: {folder} is accessible to other users (mode {mode:04o}); "
                         "patients' results need 0750")
-    root = config.site.document_root
-    if root is not None and _inside(folder, root):
-        problems.append(f"pdf.dir: {folder} is inside the web root {root}: the web server "
-                        "could serve the PDFs without the access check; move it outside")
     if not problems or all(not p.startswith("pdf.dir") for p in problems):
         notes.append(f"pdf.dir {folder} is writable and private")
 

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import URL
+
 from labsync import __version__, logs
 from labsync.config import Config, config_path, load
 from labsync.errors import ConfigError, LabsyncError, StoreError
@@ -63,17 +65,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda: _status(config, as_json=args.json),
         "order": lambda: _order(config, args.external_id, as_json=args.json),
     }
-    return _guard(commands[args.command])
+    return _guard(commands[args.command], database=config.database.url)
 
 
-def _guard(command: Callable[[], int]) -> int:
+def _guard(command: Callable[[], int], database: URL | None = None) -> int:
     """The one place that turns exceptions into words for the operator."""
     try:
         return command()
     except ConfigError as exc:
         return _fail_config(exc)
     except StoreError as exc:
-        print(f"labsync: database unusable: {logs.REDACTOR.redact(str(exc))}", file=sys.stderr)
+        # Which database: the driver's message names the host only, not the port or schema.
+        where = f" ({database.render_as_string(hide_password=True)})" if database else ""
+        print(f"labsync: database{where} unusable: {logs.REDACTOR.redact(str(exc))}",
+              file=sys.stderr)
         return EXIT_UNUSABLE
     except LabsyncError as exc:
         print(f"labsync: {logs.REDACTOR.redact(str(exc))}", file=sys.stderr)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import URL, make_url
@@ -216,6 +217,8 @@ class _Reader:
             names = ", ".join(sorted(set(missing)))
             self.problems.append(f"{key}: environment variable {names} is not set")
             return None
+        if key == "database.url":
+            return _expand_url(value, self.env)
         return _ENV_REF.sub(lambda m: self.env[m.group(1)], value)
 
     def get(self, section: str, name: str, kind: type, default: Any = None,
@@ -418,6 +421,33 @@ class _Reader:
         self.check("log.format", fmt in ("auto", "json", "console"),
                    "must be one of auto, json, console")
         return LogConfig(level=level, format=fmt)
+
+
+def _expand_url(template: str, env: Mapping[str, str]) -> str:
+    """Expand ``${NAME}`` in a URL; in the user:password part, values are percent-encoded.
+
+    A password holding ``@``, ``/`` or ``:`` must not change the host or the database the
+    URL names: ``mysql+pymysql://labsync:${DB_PASSWORD}@host/db`` keeps meaning that host.
+    """
+    scheme_end = template.find("://")
+    at = template.rfind("@", 0, _authority_end(template, scheme_end))
+    if scheme_end < 0 or at < 0:
+        return _ENV_REF.sub(lambda m: env[m.group(1)], template)
+    head, userinfo, rest = template[: scheme_end + 3], template[scheme_end + 3 : at], template[at:]
+    userinfo = _ENV_REF.sub(lambda m: quote(env[m.group(1)], safe=""), userinfo)
+    return _ENV_REF.sub(lambda m: env[m.group(1)], head) + userinfo + _ENV_REF.sub(
+        lambda m: env[m.group(1)], rest)
+
+
+def _authority_end(template: str, scheme_end: int) -> int:
+    """Where the host part ends: the first ``/``, ``?`` or ``#`` outside a ``${...}``."""
+    if scheme_end < 0:
+        return 0
+    masked = _ENV_REF.sub(lambda m: "x" * len(m.group(0)), template)
+    for index in range(scheme_end + 3, len(masked)):
+        if masked[index] in "/?#":
+            return index
+    return len(masked)
 
 
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}

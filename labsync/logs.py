@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -18,6 +18,8 @@ import structlog
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?=@)", re.I)
 _KEY_HEADER = re.compile(r"(?P<head>x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+", re.I)
 MASK = "***"
+# structlog's own bookkeeping (the stdlib LogRecord); removed before rendering, kept intact.
+_META_KEYS = frozenset({"_record", "_from_structlog"})
 LIBRARY_LOGGERS = {"apscheduler": logging.INFO, "urllib3": logging.WARNING,
                    "sqlalchemy": logging.WARNING, "labsync.fake_qlab": logging.WARNING}
 
@@ -46,17 +48,25 @@ class Redactor:
     def _walk(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.redact(value)
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):  # header dicts are Mappings, not dicts
             return {k: self._walk(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._walk(v) for v in value)
+        if isinstance(value, list):
+            return [self._walk(v) for v in value]
+        if isinstance(value, tuple):  # a plain tuple: a namedtuple cannot be rebuilt this way
+            return tuple(self._walk(v) for v in value)
         if isinstance(value, BaseException):
             return self.redact(f"{type(value).__name__}: {value}")
-        return value
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        # The renderers show anything else (bytes, sets, objects) by its repr().
+        text = repr(value)
+        masked = self.redact(text)
+        return masked if masked != text else value
 
     def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
         for key, value in list(event.items()):
-            event[key] = self._walk(value)
+            if key not in _META_KEYS:
+                event[key] = self._walk(value)
         return event
 
 

@@ -467,9 +467,6 @@ def test_secret_compares_by_value_and_is_falsy_when_empty():
     assert not Secret("")
 
 
-@pytest.mark.xfail(strict=True, reason="proposed fix: a ${VAR} in the password part of "
-                   "database.url is substituted verbatim, so '@', '/' or ':' in the password "
-                   "silently change the host and database")
 def test_env_password_with_url_special_characters_stays_the_password():
     password = "p@ss/w:rd#1"
     config = config_mod.from_mapping(minimal_with(database={

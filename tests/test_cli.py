@@ -1,0 +1,534 @@
+"""The ``labsync`` command line, run for real: exit codes, output, and what it never prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from labsync import cli, logs
+from labsync.testing.fake_qlab import FakeQlab, Fault
+from tests.conftest import API_KEY, SQL_DIR, Db, add_order, add_user
+from tests.helpers import RESULTS, order_row, results, run_pass
+
+DB_PASSWORD = "s3cr3t-db-pw-77aa"
+UNREACHABLE_DB = f"mysql+pymysql://labsync:{DB_PASSWORD}@127.0.0.1:1/bitrix"
+OWN_AND_SITE = {"local_lab_orders", "local_lab_results", "labsync_orders", "labsync_passes"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``cli.main`` configures logging for the process; put everything back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    lib_levels = {name: logging.getLogger(name).level for name in logs.LIBRARY_LOGGERS}
+    known_secrets = list(logs.REDACTOR.secrets)
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, lib_level in lib_levels.items():
+        logging.getLogger(name).setLevel(lib_level)
+    logs.REDACTOR.secrets[:] = known_secrets
+    structlog.reset_defaults()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_config(path: Path, *, db_url: str, base_url: str, pdf_dir: Path,
+                 api_key: str = API_KEY, **sections: dict[str, Any]) -> Path:
+    """A config file as an operator would write it; ``sections`` add or override keys."""
+    raw: dict[str, dict[str, Any]] = {
+        "database": {"url": db_url},
+        "site": {"timezone": "Europe/Moscow"},
+        "lis": {"adapter": "qlab", "base_url": base_url, "api_key": api_key,
+                "connect_timeout": 2, "read_timeout": 5, "retry_attempts": 2,
+                "retry_max_seconds": 2},
+        "pdf": {"dir": str(pdf_dir)},
+        "notify": {"site_id": "s1"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in raw.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def labsync(*args: str, cwd: Path | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real command in a child process."""
+    child_env = {k: v for k, v in os.environ.items() if k != "LABSYNC_CONFIG"}
+    child_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "labsync.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=child_env, check=False)
+
+
+def main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``labsync.cli.main`` in this process; (exit status, stdout, stderr)."""
+    status = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def cfg_path(db: Db, fake_lis: FakeQlab, tmp_path: Path) -> Path:
+    return write_config(tmp_path / "labsync.toml", db_url=db.url, base_url=fake_lis.base_url,
+                        pdf_dir=tmp_path / "lab-results")
+
+
+# -- a configuration that cannot be used -----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sync-once", "check", "init-db", "status"])
+def test_bad_config_lists_every_problem_and_exits_2_without_traceback(tmp_path, command):
+    path = tmp_path / "labsync.toml"
+    path.write_text(f"""
+[database]
+url = "postgresql://labsync:{DB_PASSWORD}@127.0.0.1/bitrix"
+[site]
+timezone = "Mars/Olympus_Mons"
+[lis]
+api_key = "{API_KEY}"
+[pdf]
+dir = "lab-results"
+""", encoding="utf-8")
+
+    proc = labsync("--config", str(path), command)
+
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "labsync: the configuration cannot be used:"
+    keys = sorted(line.strip().split(":", 1)[0] for line in lines[1:])
+    assert keys == ["database.url", "lis.base_url", "pdf.dir", "site.timezone"]
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert API_KEY not in proc.stderr + proc.stdout
+    assert DB_PASSWORD not in proc.stderr + proc.stdout
+
+
+def test_invalid_toml_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "labsync.toml"
+    path.write_text('[database]\nurl = "sqlite:///x.db\n', encoding="utf-8")
+
+    proc = labsync("--config", str(path), "sync-once")
+
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == "labsync: the configuration cannot be used:"
+    [problem] = proc.stderr.splitlines()[1:]
+    assert str(path) in problem
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_file_comes_from_labsync_config_when_no_option(tmp_path):
+    missing = tmp_path / "from-env.toml"
+
+    proc = labsync("status", env={"LABSYNC_CONFIG": str(missing)})
+
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- init-db ----------------------------------------------------------------------------------
+
+
+def _sqlite_schema(path: Path, table: str) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ? "
+                            "ORDER BY name", (table,)).fetchall()
+
+
+def _seed_statements() -> list[str]:
+    """The brief's DDL of the site's lab tables, statement by statement."""
+    sql = (SQL_DIR / "seed-lab-tables.sql").read_text(encoding="utf-8")
+    lines = [line.split("--", 1)[0] for line in sql.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def test_init_db_creates_the_tables_then_says_all_exist(tmp_path, capsys):
+    db_file = tmp_path / "site.db"
+    path = write_config(tmp_path / "labsync.toml", db_url=f"sqlite:///{db_file}",
+                        base_url="http://127.0.0.1:9/v2", pdf_dir=tmp_path / "pdf")
+
+    first = main(capsys, "--config", str(path), "init-db")
+    second = main(capsys, "--config", str(path), "init-db")
+
+    assert first[0] == 0
+    assert first[1].startswith("created: ")
+    assert {t.strip() for t in first[1].split(":", 1)[1].split(",")} == OWN_AND_SITE
+    assert OWN_AND_SITE <= _sqlite_tables(db_file)
+    assert not {"b_user", "b_event"} & _sqlite_tables(db_file)  # a real site has them
+    assert second[0] == 0
+    assert second[1].strip() == "all tables already exist"
+
+
+def test_init_db_never_alters_an_existing_site_table_on_sqlite(tmp_path, capsys):
+    db_file = tmp_path / "site.db"
+    with sqlite3.connect(db_file) as conn:  # the brief's DDL, as SQLite can hold it
+        conn.execute("""CREATE TABLE local_lab_orders (
+            ID INTEGER PRIMARY KEY AUTOINCREMENT, USER_ID INT NOT NULL,
+            EXTERNAL_ORDER_ID VARCHAR(100) NOT NULL UNIQUE, ORDER_DATE DATE,
+            STATUS VARCHAR(20) DEFAULT 'received', SYNCED_AT DATETIME)""")
+        conn.execute("CREATE INDEX site_own_idx ON local_lab_orders (USER_ID)")
+        conn.execute("INSERT INTO local_lab_orders (USER_ID, EXTERNAL_ORDER_ID) VALUES (5, 'X-1')")
+    before = _sqlite_schema(db_file, "local_lab_orders")
+    path = write_config(tmp_path / "labsync.toml", db_url=f"sqlite:///{db_file}",
+                        base_url="http://127.0.0.1:9/v2", pdf_dir=tmp_path / "pdf")
+
+    status, out, _ = main(capsys, "--config", str(path), "init-db")
+
+    assert status == 0
+    assert "local_lab_orders" not in out
+    assert "local_lab_results" in out
+    assert _sqlite_schema(db_file, "local_lab_orders") == before
+    with sqlite3.connect(db_file) as conn:
+        assert conn.execute("SELECT USER_ID, EXTERNAL_ORDER_ID FROM local_lab_orders"
+                            ).fetchall() == [(5, "X-1")]
+
+
+@pytest.mark.mariadb
+def test_init_db_on_mariadb_creates_the_rest_and_never_alters_the_site_table(
+        mariadb, tmp_path, capsys):
+    name = f"labsync_cli_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = mariadb.engine
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8 COLLATE utf8_unicode_ci"))
+    url = make_url(mariadb.url).set(database=name)
+    fresh = create_engine(url)
+    try:
+        [ddl] = [s for s in _seed_statements() if "CREATE TABLE local_lab_orders" in s]
+        with fresh.begin() as conn:
+            conn.execute(text(ddl))
+
+        def show_create() -> str:
+            with fresh.connect() as conn:
+                return str(conn.execute(text("SHOW CREATE TABLE local_lab_orders")).one()[1])
+
+        before = show_create()
+        path = write_config(tmp_path / "labsync.toml",
+                            db_url=url.render_as_string(hide_password=False),
+                            base_url="http://127.0.0.1:9/v2", pdf_dir=tmp_path / "pdf")
+
+        first = main(capsys, "--config", str(path), "init-db")
+        second = main(capsys, "--config", str(path), "init-db")
+
+        assert first[0] == 0
+        created = {t.strip() for t in first[1].split(":", 1)[1].split(",")}
+        assert created == OWN_AND_SITE - {"local_lab_orders"}
+        assert second == (0, "all tables already exist\n", second[2])
+        assert show_create() == before
+    finally:
+        fresh.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+
+
+@pytest.mark.mariadb
+def test_init_db_on_the_seeded_mariadb_site_changes_nothing(mariadb, tmp_path, capsys):
+    tables = ["local_lab_orders", "local_lab_results", "labsync_orders", "labsync_passes"]
+
+    def show_create() -> list[str]:
+        with mariadb.engine.connect() as conn:
+            return [str(conn.execute(text(f"SHOW CREATE TABLE {t}")).one()[1]) for t in tables]
+
+    before = show_create()
+    path = write_config(tmp_path / "labsync.toml", db_url=mariadb.url,
+                        base_url="http://127.0.0.1:9/v2", pdf_dir=tmp_path / "pdf")
+
+    status, out, _ = main(capsys, "--config", str(path), "init-db")
+
+    assert (status, out.strip()) == (0, "all tables already exist")
+    assert show_create() == before
+
+
+# -- sync-once --------------------------------------------------------------------------------
+
+
+def test_sync_once_completes_an_order_and_logs_json_to_stdout(db, fake_lis, cfg_path, tmp_path):
+    add_user(db, 7, email="anna@example.org")
+    add_order(db, "CLI-1", 7)
+    fake_lis.add_order("CLI-1", results=RESULTS)
+
+    proc = labsync("--config", str(cfg_path), "sync-once")
+
+    assert proc.returncode == 0, proc.stderr
+    assert order_row(db, "CLI-1").STATUS == "completed"
+    assert len(results(db, "CLI-1")) == 3
+    assert (tmp_path / "lab-results" / "7" / "CLI-1.pdf").is_file()
+    events = [json.loads(line)["event"] for line in proc.stdout.splitlines()]
+    assert "order.completed" in events and "pass.finished" in events
+    assert API_KEY not in proc.stdout + proc.stderr
+
+
+def test_sync_once_exits_0_when_an_order_fails(db, fake_lis, cfg_path):
+    add_user(db, 7)
+    add_order(db, "CLI-OK", 7)
+    add_order(db, "CLI-BAD", 7)
+    fake_lis.add_order("CLI-OK", results=RESULTS)
+    fake_lis.add_order("CLI-BAD", results=RESULTS)
+    fake_lis.inject("CLI-BAD", "results", Fault(status=500), times=None)
+
+    proc = labsync("--config", str(cfg_path), "sync-once")
+
+    assert proc.returncode == 0, proc.stderr
+    assert order_row(db, "CLI-OK").STATUS == "completed"
+    assert order_row(db, "CLI-BAD").STATUS == "received"
+
+
+@pytest.mark.parametrize("command", ["sync-once", "init-db"])
+def test_unreachable_database_exits_2_naming_the_database_not_the_password(tmp_path, command):
+    path = write_config(tmp_path / "labsync.toml", db_url=UNREACHABLE_DB,
+                        base_url="http://127.0.0.1:9/v2", pdf_dir=tmp_path / "pdf")
+
+    proc = labsync("--config", str(path), command, timeout=60)
+
+    assert proc.returncode == 2
+    [message] = proc.stderr.splitlines()
+    assert message.startswith("labsync: database (mysql+pymysql://labsync:***@127.0.0.1:1/bitrix)")
+    assert DB_PASSWORD not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def test_check_all_good_exits_0(cfg_path, capsys):
+    status, out, err = main(capsys, "--config", str(cfg_path), "check")
+
+    assert status == 0, out
+    assert "problem:" not in out
+    assert "ok: database reachable" in out
+    assert "API key accepted" in out
+    assert API_KEY not in out + err
+
+
+def test_check_wrong_api_key_is_a_problem_naming_lis_api_key(db, fake_lis, tmp_path, capsys):
+    wrong = "wrong-key-9f8e7d6c"
+    path = write_config(tmp_path / "labsync.toml", db_url=db.url, base_url=fake_lis.base_url,
+                        pdf_dir=tmp_path / "lab-results", api_key=wrong)
+
+    status, out, err = main(capsys, "--config", str(path), "check")
+
+    assert status == 1
+    problems = [line for line in out.splitlines() if line.startswith("problem:")]
+    assert len(problems) == 1
+    assert problems[0].startswith("problem: lis.api_key:")
+    assert wrong not in out + err
+    assert API_KEY not in out + err
+
+
+def test_check_world_readable_pdf_dir_is_a_problem(db, fake_lis, tmp_path, capsys):
+    pdf_dir = tmp_path / "lab-results"
+    pdf_dir.mkdir()
+    pdf_dir.chmod(0o755)
+    path = write_config(tmp_path / "labsync.toml", db_url=db.url, base_url=fake_lis.base_url,
+                        pdf_dir=pdf_dir)
+
+    status, out, _ = main(capsys, "--config", str(path), "check")
+
+    assert status == 1
+    [problem] = [line for line in out.splitlines() if line.startswith("problem:")]
+    assert problem.startswith("problem: pdf.dir:")
+    assert "0755" in problem
+
+
+def test_check_private_existing_pdf_dir_is_fine(db, fake_lis, tmp_path, capsys):
+    pdf_dir = tmp_path / "lab-results"
+    pdf_dir.mkdir(mode=0o750)
+    pdf_dir.chmod(0o750)
+    path = write_config(tmp_path / "labsync.toml", db_url=db.url, base_url=fake_lis.base_url,
+                        pdf_dir=pdf_dir)
+
+    status, out, _ = main(capsys, "--config", str(path), "check")
+
+    assert status == 0, out
+    assert "writable and private" in out
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "not-yet-created"])
+def test_check_pdf_dir_inside_the_web_root_is_a_problem(db, fake_lis, tmp_path, capsys, exists):
+    web_root = tmp_path / "www"
+    pdf_dir = web_root / "upload" / "lab-results"
+    if exists:
+        pdf_dir.mkdir(parents=True)
+        pdf_dir.chmod(0o750)
+    else:
+        web_root.mkdir()
+    path = write_config(tmp_path / "labsync.toml", db_url=db.url, base_url=fake_lis.base_url,
+                        pdf_dir=pdf_dir, site={"document_root": str(web_root)})
+
+    status, out, _ = main(capsys, "--config", str(path), "check")
+
+    assert status == 1
+    [problem] = [line for line in out.splitlines() if line.startswith("problem:")]
+    assert problem.startswith("problem: pdf.dir:")
+    assert "web root" in problem
+
+
+def test_check_missing_tables_is_a_problem_pointing_to_init_db(fake_lis, tmp_path, capsys):
+    path = write_config(tmp_path / "labsync.toml", db_url=f"sqlite:///{tmp_path / 'empty.db'}",
+                        base_url=fake_lis.base_url, pdf_dir=tmp_path / "lab-results")
+
+    status, out, err = main(capsys, "--config", str(path), "check")
+
+    assert status == 1
+    problems = [line for line in out.splitlines() if line.startswith("problem:")]
+    init_db = [p for p in problems if "init-db" in p]
+    assert {p.split("table ")[1].split()[0] for p in init_db} == OWN_AND_SITE
+    assert all(p.startswith("problem: database") for p in problems)
+    assert API_KEY not in out + err
+
+
+def test_check_unreachable_database_is_a_problem_without_the_password(
+        fake_lis, tmp_path, capsys):
+    path = write_config(tmp_path / "labsync.toml", db_url=UNREACHABLE_DB,
+                        base_url=fake_lis.base_url, pdf_dir=tmp_path / "lab-results")
+
+    status, out, err = main(capsys, "--config", str(path), "check")
+
+    assert status == 1
+    [problem] = [line for line in out.splitlines() if line.startswith("problem:")]
+    assert problem.startswith("problem: database.url:")
+    assert DB_PASSWORD not in out + err
+
+
+# -- status and order -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def after_a_pass(db, fake_lis, config, cfg_path) -> Path:
+    """Three orders after one pass: ST-OK completed, ST-FAIL failing (HTTP 500), ST-WAIT
+    still processing in the LIS. Returns the config file the CLI reads."""
+    ten_days_ago = date.today() - timedelta(days=10)
+    add_user(db, 7, email="anna@example.org")
+    for ext in ("ST-OK", "ST-FAIL", "ST-WAIT"):
+        add_order(db, ext, 7, order_date=ten_days_ago)
+    fake_lis.add_order("ST-OK", results=RESULTS)
+    fake_lis.add_order("ST-FAIL", results=RESULTS)
+    fake_lis.add_order("ST-WAIT", status="processing", results=RESULTS[:1], pdf=None)
+    fake_lis.inject("ST-FAIL", "results", Fault(status=500), times=None)
+    summary = run_pass(config)
+    assert (summary.completed, summary.failed, summary.pending) == (1, 1, 1)
+    return cfg_path
+
+
+def test_status_json_is_one_object_with_the_pass_the_failures_and_the_mail(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "status", "--json")
+
+    assert status == 0
+    report = json.loads(out)
+    assert isinstance(report, dict)
+    assert {"pending", "failures_24h", "last_pass", "mail_queued_unsent"} <= set(report)
+    assert report["pending"] == {"received": {"7-30 days": 1}, "processing": {"7-30 days": 1}}
+    [failure] = report["failures_24h"]
+    assert (failure["order"], failure["failures"], failure["kind"]) == ("ST-FAIL", 1, "transient")
+    assert "500" in failure["error"]
+    last = report["last_pass"]
+    assert (last["CHECKED"], last["COMPLETED"], last["FAILED"], last["PENDING"]) == (3, 1, 1, 1)
+    assert last["OUTCOME"] == "ok"
+    assert report["mail_queued_unsent"] == 1
+
+
+def test_status_text_names_the_failing_order(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "status")
+
+    assert status == 0
+    assert "pending orders: 2" in out
+    assert "orders failing in the last 24 h: 1" in out
+    assert "ST-FAIL: 1x, transient" in out
+    assert "mail events waiting for the site to send: 1" in out
+
+
+def test_status_before_any_pass_says_so(cfg_path, capsys):
+    status, out, _ = main(capsys, "--config", str(cfg_path), "status", "--json")
+
+    assert status == 0
+    report = json.loads(out)
+    assert (report["pending"], report["failures_24h"], report["last_pass"],
+            report["mail_queued_unsent"]) == ({}, [], None, 0)
+
+
+def test_order_shows_polls_pdf_and_mail_of_a_completed_order(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "order", "ST-OK")
+
+    assert status == 0
+    assert out.startswith("order ST-OK ")
+    assert "completed" in out
+    assert "polls 1" in out
+    assert "7/ST-OK.pdf" in out
+    assert "mail: queued, b_event #" in out
+    assert "results stored: 3" in out
+    assert "[abnormal]" in out
+
+
+def test_order_shows_the_last_error_of_a_failing_order(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "order", "ST-FAIL")
+
+    assert status == 0
+    assert "failures: 1 in a row, 1 in all" in out
+    assert "HTTP 500" in out
+    assert "results stored: 0" in out
+
+
+def test_order_json_is_one_object(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "order", "ST-OK", "--json")
+
+    assert status == 0
+    report = json.loads(out)
+    assert report["order"]["STATUS"] == "completed"
+    assert report["labsync"]["MAIL_STATE"] == "queued"
+    assert len(report["results"]) == 3
+
+
+def test_unknown_order_exits_1(cfg_path, capsys):
+    status, out, err = main(capsys, "--config", str(cfg_path), "order", "NO-SUCH-ORDER")
+
+    assert status == 1
+    assert out == ""
+    assert "NO-SUCH-ORDER" in err
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+def test_demo_shows_the_patient_view_and_runs_again_in_the_same_folder(tmp_path):
+    folder = tmp_path / "d"
+
+    for _ in range(2):
+        proc = labsync("demo", "--dir", str(folder), cwd=tmp_path, timeout=60)
+
+        assert proc.returncode == 0, proc.stderr
+        for wanted in ("My tests", "ABNORMAL", ".pdf", "LAB_RESULTS_READY"):
+            assert wanted in proc.stdout
+        assert "Traceback" not in proc.stderr
+    assert (folder / "labsync-demo.db").is_file()
+    assert not (tmp_path / "labsync-demo").exists()
