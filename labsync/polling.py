@@ -1,0 +1,55 @@
+"""When to ask the LIS about a pending order again: by its age, and after failures.
+
+Most results arrive within hours (biochemistry, haematology); some take days (cultures,
+histology); a few never do (a sample lost, an order forgotten in the LIS). Asking about
+every pending order on every pass spends most LIS requests on orders that cannot have
+changed. The schedule below asks often while an answer is likely, then less and less.
+``bench/polling_sim.py`` measures what it saves; docs/polling.md has the figures.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+# (age below, delay before the next poll). The interval of the pass is the floor: a
+# fresh order is asked on every pass.
+_SCHEDULE: tuple[tuple[timedelta, timedelta], ...] = (
+    (timedelta(hours=2), timedelta(0)),
+    (timedelta(hours=12), timedelta(minutes=30)),
+    (timedelta(days=2), timedelta(hours=1)),
+    (timedelta(days=7), timedelta(hours=3)),
+)
+_OLDER = timedelta(hours=6)  # a week old, not yet stale
+STALE_DELAY = timedelta(hours=24)
+MAX_FAILURE_BACKOFF = timedelta(hours=6)
+JITTER = 0.1
+
+
+def poll_delay(age: timedelta, *, interval: timedelta, stale_after: timedelta,
+               rng: random.Random | None = None) -> timedelta:
+    """How long to wait before asking again about a pending order of this ``age``.
+
+    Never less than ``interval`` (the order is simply asked on the next pass), with ±10 %
+    jitter so orders placed together do not stay in lockstep.
+    """
+    if age >= stale_after:
+        base = STALE_DELAY
+    else:
+        base = next((delay for limit, delay in _SCHEDULE if age < limit), _OLDER)
+    if base <= interval:
+        return interval
+    return base * (rng or random).uniform(1 - JITTER, 1 + JITTER)
+
+
+def failure_delay(failures: int, *, rng: random.Random | None = None) -> timedelta:
+    """Backoff after ``failures`` consecutive failures: 1 min doubling to 6 h, ±20 % jitter.
+
+    With passes 15 minutes apart the first few failures are simply retried on the next pass.
+    """
+    base = min(timedelta(minutes=1) * 2 ** max(failures - 1, 0), MAX_FAILURE_BACKOFF)
+    return base * (rng or random).uniform(0.8, 1.2)
+
+
+def is_stale(age: timedelta, stale_after: timedelta) -> bool:
+    return age >= stale_after
