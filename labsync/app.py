@@ -5,6 +5,7 @@ The CLI, the daemon and the demo all build labsync here, so they run the same co
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from labsync.config import Config
+from labsync.instance import InstanceLock
 from labsync.lis.base import LisClient
 from labsync.lis.registry import make_client
-from labsync.store.db import TextFitter, detect_text_fitter, make_engine
+from labsync.metrics import Metrics
+from labsync.store.db import TextFitter, detect_text_fitter, make_engine, verify_tables
 from labsync.sync import SyncEngine
 
 
@@ -25,16 +28,38 @@ class App:
     lis: LisClient
     fitter: TextFitter
     sync: SyncEngine
+    metrics: Metrics
 
 
 @contextmanager
-def open_app(config: Config, *, lis: LisClient | None = None) -> Iterator[App]:
-    """Build everything a pass needs; close connections on the way out."""
+def open_app(config: Config, *, lis: LisClient | None = None,
+             stop: threading.Event | None = None) -> Iterator[App]:
+    """Build everything a pass needs, after checking the database; close it all on the way out.
+
+    A SQLite database is locked for this process (one instance only). ``stop``, when given,
+    cuts the LIS client's retry waits short once set.
+    """
+    lock = InstanceLock(config.database).acquire()
     engine = make_engine(config.database)
-    client = lis or make_client(config.lis)
+    client: LisClient | None = lis
+    metrics: Metrics | None = None
     try:
+        verify_tables(engine)
         fitter = detect_text_fitter(engine)
-        yield App(config, engine, client, fitter, SyncEngine(config, engine, client, fitter))
+        if client is None:
+            options = {}
+            if stop is not None:
+                from labsync.daemon import interruptible_sleep
+
+                options["sleep"] = interruptible_sleep(stop)
+            client = make_client(config.lis, **options)
+        metrics = Metrics(config.metrics)
+        sync = SyncEngine(config, engine, client, fitter, metrics=metrics)
+        yield App(config, engine, client, fitter, sync, metrics)
     finally:
-        client.close()
+        if metrics is not None:
+            metrics.close()
+        if client is not None:
+            client.close()
         engine.dispose()
+        lock.release()

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"labsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("init-db", help="create labsync's tables (and the lab tables if missing)")
+    sub.add_parser("run", help="the daemon: passes on a schedule until SIGTERM/SIGINT")
     once = sub.add_parser("sync-once", help="one full pass over the pending orders, then exit")
     once.add_argument("--all", action="store_true",
                       help="also ask about orders whose retry time after a failure is not due yet")
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[], int]] = {
         "init-db": lambda: _init_db(config),
         "sync-once": lambda: _sync_once(config, due_only=not args.all),
+        "run": lambda: _run(config),
         "check": lambda: _check(config),
         "status": lambda: _status(config, as_json=args.json),
         "order": lambda: _order(config, args.external_id, as_json=args.json),
@@ -111,8 +113,20 @@ def _sync_once(config: Config, *, due_only: bool) -> int:
     from labsync.app import open_app
 
     with open_app(config) as app:
-        app.sync.run_pass(due_only=due_only)
+        summary = app.sync.run_pass(due_only=due_only)
+        app.metrics.pass_finished(summary)
     return EXIT_OK
+
+
+def _run(config: Config) -> int:
+    import threading
+
+    from labsync.app import open_app
+    from labsync.daemon import Daemon
+
+    stop = threading.Event()
+    with open_app(config, stop=stop) as app:
+        return Daemon(app, stop=stop).run()
 
 
 def _check(config: Config) -> int:

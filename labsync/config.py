@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy.engine import URL, make_url
 
 from labsync.errors import ConfigError
+from labsync.metrics import MetricsConfig, metrics_config_from
 
 DEFAULT_PATH = "/etc/labsync/labsync.toml"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -105,6 +106,8 @@ class SyncConfig:
     page_size: int = 500
     stale_after: float = 30 * 86400.0
     recheck_days: int = 7
+    lease: float = 15 * 60.0  # how long a claim on an order lasts (seconds)
+    stop_timeout: float = 20.0  # seconds a stopping daemon waits for the order in hand
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class Config:
     notify: NotifyConfig
     sync: SyncConfig
     log: LogConfig
+    metrics: MetricsConfig | None = None
     source: str = "<memory>"
 
     def secrets(self) -> list[str]:
@@ -189,7 +193,8 @@ class _Reader:
             "backend", "site_id", "event_name", "updated_event_name", "result_url",
             "duplicate",
         },
-        "sync": {"interval", "page_size", "stale_after", "recheck_days"},
+        "sync": {"interval", "page_size", "stale_after", "recheck_days", "lease",
+                 "stop_timeout"},
         "log": {"level", "format"},
         "discovery": {"enabled", "default_region", "match"},
         "smtp": {"host", "port", "from", "starttls", "ssl", "username", "password_file"},
@@ -297,6 +302,8 @@ class _Reader:
 
     def build(self, source: str) -> Config | None:
         for section, value in self.raw.items():
+            if section == "metrics":
+                continue  # metrics_config_from checks its own keys
             if section not in self._KNOWN:
                 self.problems.append(f"{section}: unknown section")
             elif isinstance(value, Mapping):
@@ -308,6 +315,8 @@ class _Reader:
             "pdf": self._pdf, "notify": self._notify, "sync": self._sync, "log": self._log,
         }
         built = {name: make() for name, make in parts.items()}
+        built["metrics"], problems = metrics_config_from(self.raw.get("metrics", {}))
+        self.problems.extend(problems)
         if self.problems:
             return None
         return Config(source=source, **built)
@@ -411,6 +420,8 @@ class _Reader:
             page_size=self.positive("sync", "page_size", int, 500),
             stale_after=self.duration("sync", "stale_after", 30 * 86400.0),
             recheck_days=self.positive("sync", "recheck_days", int, 7, allow_zero=True),
+            lease=self.duration("sync", "lease", 15 * 60.0),
+            stop_timeout=self.duration("sync", "stop_timeout", 20.0),
         )
 
     def _log(self) -> LogConfig:

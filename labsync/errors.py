@@ -92,3 +92,7 @@ class BadLisData(LisError):
     """The LIS answered with something labsync refuses: bad JSON, wrong shape or type, not a PDF."""
 
     kind = "bad_data"
+
+
+class Interrupted(LabsyncError):
+    """labsync is stopping: an LIS call gave up waiting so the order in hand can be let go."""

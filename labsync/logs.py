@@ -20,7 +20,10 @@ _KEY_HEADER = re.compile(r"(?P<head>x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"
 MASK = "***"
 # structlog's own bookkeeping (the stdlib LogRecord); removed before rendering, kept intact.
 _META_KEYS = frozenset({"_record", "_from_structlog"})
-LIBRARY_LOGGERS = {"apscheduler": logging.INFO, "urllib3": logging.WARNING,
+# apscheduler's executors say "Running job"/"executed successfully" every run: our own job
+# lines say more; its scheduler's start/stop/missed lines stay.
+LIBRARY_LOGGERS = {"apscheduler": logging.INFO, "apscheduler.executors": logging.WARNING,
+                   "urllib3": logging.WARNING,
                    "sqlalchemy": logging.WARNING, "labsync.fake_qlab": logging.WARNING}
 
 

@@ -30,15 +30,16 @@ def poll_delay(age: timedelta, *, interval: timedelta, stale_after: timedelta,
                rng: random.Random | None = None) -> timedelta:
     """How long to wait before asking again about a pending order of this ``age``.
 
-    Never less than ``interval`` (the order is simply asked on the next pass), with ±10 %
-    jitter so orders placed together do not stay in lockstep.
+    Zero means "on the next pass": a delay no longer than ``interval`` would otherwise land
+    a moment after the next pass starts and skip it. Longer delays get ±10 % jitter so
+    orders placed together do not stay in lockstep.
     """
     if age >= stale_after:
         base = STALE_DELAY
     else:
         base = next((delay for limit, delay in _SCHEDULE if age < limit), _OLDER)
     if base <= interval:
-        return interval
+        return timedelta(0)
     return base * (rng or random).uniform(1 - JITTER, 1 + JITTER)
 
 
@@ -47,7 +48,8 @@ def failure_delay(failures: int, *, rng: random.Random | None = None) -> timedel
 
     With passes 15 minutes apart the first few failures are simply retried on the next pass.
     """
-    base = min(timedelta(minutes=1) * 2 ** max(failures - 1, 0), MAX_FAILURE_BACKOFF)
+    doublings = min(max(failures - 1, 0), 10)  # 2**10 min already exceeds the cap
+    base = min(timedelta(minutes=1) * 2 ** doublings, MAX_FAILURE_BACKOFF)
     return base * (rng or random).uniform(0.8, 1.2)
 
 

@@ -441,7 +441,7 @@ def test_an_error_inside_the_transaction_rolls_everything_back(db, fake_lis, con
 
 def test_failed_order_waits_for_its_backoff_before_the_next_poll(db, fake_lis, config):
     add_user(db, 7)
-    add_order(db, "A-1", 7)
+    add_order(db, "A-1", 7, order_date=None)  # fresh: its age counts from first sight
     fake_lis.add_order("A-1", results=RESULTS)
     fake_lis.inject("A-1", "results", Fault(body=b"garbage"), times=1)
     start = datetime(2026, 11, 25, 12, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from labsync.config import LisConfig
@@ -19,8 +19,12 @@ def adapter_names() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def make_client(config: LisConfig) -> LisClient:
-    """The configured adapter. ``config.adapter`` was validated against ``adapter_names()``."""
+def make_client(config: LisConfig, **options: Any) -> LisClient:
+    """The configured adapter. ``config.adapter`` was validated against ``adapter_names()``.
+
+    ``options`` go to the adapter's constructor; every adapter takes ``sleep`` (the function
+    its retry waits use, so a stopping daemon can cut them short).
+    """
     module_name, class_name = _ADAPTERS[config.adapter].split(":")
     cls = getattr(import_module(module_name), class_name)
-    return cls(config)  # type: ignore[no-any-return,unused-ignore]
+    return cls(config, **options)  # type: ignore[no-any-return,unused-ignore]

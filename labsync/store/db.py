@@ -80,6 +80,19 @@ def init_db(engine: Engine, *, with_bitrix: bool = False) -> list[str]:
     return [t.name for t in wanted if t.name not in existing]
 
 
+def verify_tables(engine: Engine) -> None:
+    """Raise ``StoreError`` unless the tables a pass needs are all there."""
+    try:
+        existing = set(inspect(engine).get_table_names())
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(exc)) from exc
+    missing = [t.name for t in (*SITE_TABLES, *OWN_TABLES, *BITRIX_TABLES)
+               if t.name not in existing]
+    if missing:
+        raise StoreError(f"missing tables: {', '.join(missing)} (labsync's own and the lab "
+                         "tables come from `labsync init-db`; b_* are the site's)")
+
+
 @dataclass(frozen=True)
 class TextFitter:
     """Fits text to a column: its length in characters and its character set.

@@ -39,13 +39,15 @@ def pending_page(
 ) -> list[PendingOrder]:
     """The next ``limit`` pending orders with ID above ``after_id`` (keyset paging).
 
-    ``due_only`` skips orders whose next poll time (set after a failure) is still ahead.
+    ``due_only`` skips orders whose next poll time is still ahead. Orders another instance
+    holds a live claim on are skipped always.
     """
     o, s = local_lab_orders, labsync_orders
     query = (
         select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE)
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
-        .where(o.c.ID > after_id, or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None)))
+        .where(o.c.ID > after_id, or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None)),
+               or_(s.c.LEASE_OWNER.is_(None), s.c.LEASE_UNTIL < now_utc))
         .order_by(o.c.ID)
         .limit(limit)
     )

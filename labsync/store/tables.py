@@ -174,6 +174,10 @@ labsync_orders = Table(
     Column("MAIL_STATE", String(30)),  # queued | no_email | inactive | no_user
     Column("MAIL_EVENT_ID", Integer),
     Column("NOTIFIED_AT", DateTime),
+    Column("STALE_AT", DateTime),  # pending longer than sync.stale_after; logged once
+    # A claim: the instance working on the order now, and until when (see store/claims.py).
+    Column("LEASE_OWNER", String(100)),
+    Column("LEASE_UNTIL", DateTime),
     Index("ix_labsync_orders_next_poll", "NEXT_POLL_AT"),
     Index("ix_labsync_orders_external", "EXTERNAL_ORDER_ID"),
     **_OWN,

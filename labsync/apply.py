@@ -1,0 +1,186 @@
+"""What one LIS answer does to one order: the order's single database transaction.
+
+Called by the pass (``labsync.sync``) in its own thread, one order at a time. Everything an
+order's completion writes is written here, in one transaction, under the order's row lock:
+the PDF moved into place, the result rows, ``STATUS``/``SYNCED_AT``, the mail event and
+labsync's bookkeeping. Failures are recorded here too, in a transaction of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection
+
+from labsync.config import Config
+from labsync.errors import LabsyncError
+from labsync.model import LisOrder, OrderStatus
+from labsync.notify import BitrixNotifier
+from labsync.pdfs import PdfStore, StagedPdf
+from labsync.polling import failure_delay, is_stale, poll_delay
+from labsync.results import results_hash, to_rows
+from labsync.store import bitrix, orders
+from labsync.store.db import TextFitter
+
+log = structlog.get_logger("labsync.sync")
+
+
+@dataclass
+class Applied:
+    """The outcome of one order in a pass."""
+
+    outcome: str  # completed | cancelled | pending | skipped | failed
+    events: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class OrderApplier:
+    """Writes one order's new state, given what the LIS said about it."""
+
+    def __init__(self, config: Config, fitter: TextFitter, pdfs: PdfStore, owner: str) -> None:
+        self.config = config
+        self.fitter = fitter
+        self.pdfs = pdfs
+        self.owner = owner
+        self.notifier = BitrixNotifier(config.notify, fitter)
+        self.interval = timedelta(seconds=config.sync.interval)
+        self.stale_after = timedelta(seconds=config.sync.stale_after)
+
+    # -- success ------------------------------------------------------------------------------
+
+    def apply(self, conn: Connection, order: orders.PendingOrder, lis_order: LisOrder,
+              pdf: StagedPdf | None, now: datetime) -> Applied:
+        """The order's transaction. ``now`` is UTC, naive."""
+        current = orders.lock_order(conn, order.id)
+        if (current is None or current.user_id != order.user_id
+                or current.external_id != order.external_id
+                or current.status not in (*orders.PENDING, None)):
+            log.info("order.changed_meanwhile", status=current and current.status)
+            return Applied("skipped")
+        state = orders.get_state(conn, order.id)
+        if state is not None and state.LEASE_OWNER not in (None, self.owner):
+            log.warning("order.lease_lost", holder=state.LEASE_OWNER)
+            return Applied("skipped")
+        now_site = self.site_time(now)
+        values: dict[str, Any] = {
+            "LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1, "FAILURES": 0,
+            "LIS_STATUS": lis_order.status.value, "LEASE_OWNER": None, "LEASE_UNTIL": None,
+        }
+        status = lis_order.status
+        applied = Applied("pending")
+        if status is OrderStatus.CANCELLED:
+            orders.set_order_status(conn, order.id, "cancelled", now_site)
+            applied.outcome = "cancelled"
+            values["NEXT_POLL_AT"] = None
+            log.info("order.cancelled")
+        elif status in (OrderStatus.PROCESSING, OrderStatus.COMPLETED):
+            pdf_path = None
+            if status is OrderStatus.COMPLETED:
+                assert pdf is not None
+                pdf_path = str(self.pdfs.publish(pdf))
+                values.update(PDF_PATH=pdf_path, PDF_SHA256=pdf.sha256, PDF_BYTES=pdf.size,
+                              COMPLETED_AT=now, NEXT_POLL_AT=None)
+            rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
+                                  fitter=self.fitter, pdf_path=pdf_path)
+            applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
+            changes = orders.write_results(conn, order.id, rows)
+            values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
+            if status is OrderStatus.COMPLETED:
+                orders.set_order_status(conn, order.id, "completed", now_site)
+                applied.outcome = "completed"
+                if state is None or state.NOTIFIED_AT is None:
+                    applied.events = self._notify(conn, order, now, now_site, values)
+                log.info("order.completed", results=len(rows), inserted=changes.inserted,
+                         updated=changes.updated, deleted=changes.deleted, pdf=pdf_path)
+            else:
+                if current.status != "processing":
+                    orders.set_order_status(conn, order.id, "processing", None)
+                log.info("order.processing", results=len(rows), changed=changes.any)
+        else:
+            log.info("order.received")
+        if applied.outcome == "pending":
+            self._schedule(conn, order, state, now, values)
+        orders.save_state(conn, order, now, values, exists=state is not None)
+        return applied
+
+    def _notify(self, conn: Connection, order: orders.PendingOrder, now: datetime,
+                now_site: datetime, values: dict[str, Any]) -> int:
+        decision = self.notifier.order_ready(conn, order_id=order.id,
+                                             external_id=order.external_id,
+                                             user_id=order.user_id, now_site=now_site)
+        values.update(MAIL_STATE=decision.state, MAIL_EVENT_ID=decision.event_id,
+                      NOTIFIED_AT=now)
+        if decision.event_id is None:
+            log.warning("mail.skipped", reason=decision.state, user_id=order.user_id)
+            return 0
+        log.info("mail.queued", event_id=decision.event_id, user_id=order.user_id)
+        return 1
+
+    def _schedule(self, conn: Connection, order: orders.PendingOrder, state: Any,
+                  now: datetime, values: dict[str, Any]) -> None:
+        """Set the next poll by the order's age; mark it stale once when it is too old."""
+        age = self.age(order, state, now)
+        values["NEXT_POLL_AT"] = now + poll_delay(age, interval=self.interval,
+                                                  stale_after=self.stale_after)
+        if is_stale(age, self.stale_after) and (state is None or state.STALE_AT is None):
+            values["STALE_AT"] = now
+            days = age.days
+            log.warning("order.stale", age_days=days)
+            bitrix.add_event_log(
+                conn, self.fitter, item_id=order.external_id, now_site=self.site_time(now),
+                site_id=self.config.notify.site_id,
+                description=f"Order {order.external_id}: still pending in the LIS after "
+                            f"{days} days; labsync now asks about it once a day")
+
+    # -- failure ------------------------------------------------------------------------------
+
+    def record_failure(self, conn: Connection, order: orders.PendingOrder, error: LabsyncError,
+                       now: datetime) -> None:
+        """Count the failure, back off, and tell the admin log once per new problem."""
+        kind = getattr(error, "kind", type(error).__name__)
+        message = str(error)[:1000]
+        state = orders.get_state(conn, order.id)
+        failures = (state.FAILURES if state else 0) + 1
+        delay = max(failure_delay(failures),
+                    poll_delay(self.age(order, state, now), interval=self.interval,
+                               stale_after=self.stale_after))
+        orders.save_state(conn, order, now, {
+            "LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1,
+            "FAILURES": failures, "FAILURES_TOTAL": (state.FAILURES_TOTAL if state else 0) + 1,
+            "LAST_ERROR_KIND": kind, "LAST_ERROR": message, "LAST_ERROR_AT": now,
+            "NEXT_POLL_AT": now + delay, "LEASE_OWNER": None, "LEASE_UNTIL": None,
+        }, exists=state is not None)
+        # One admin-log line per new problem, not one every pass while it lasts.
+        if state is None or state.LAST_ERROR != message or state.FAILURES == 0:
+            bitrix.add_event_log(conn, self.fitter, item_id=order.external_id,
+                                 description=f"Order {order.external_id}: {message}",
+                                 now_site=self.site_time(now),
+                                 site_id=self.config.notify.site_id)
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def site_time(self, now_utc: datetime) -> datetime:
+        """UTC (naive) → the site's naive local time, as its DATETIME columns hold it."""
+        zone = self.config.site.timezone
+        return now_utc.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
+
+    def age(self, order: orders.PendingOrder, state: Any, now: datetime) -> timedelta:
+        """How long the order has been waiting, for the polling schedule.
+
+        Counted from when labsync first saw it (within one pass of its arrival):
+        ``ORDER_DATE`` is only a date, and counting from its midnight would make a
+        morning's orders look hours old on their first poll. An order dated more than a
+        day before labsync first saw it (a backlog labsync found when it was installed)
+        counts from its date instead.
+        """
+        first_seen = state.FIRST_SEEN_AT if state is not None else None
+        start = first_seen or now
+        if order.order_date is not None:
+            midnight = datetime.combine(order.order_date, time(), self.config.site.timezone)
+            ordered = midnight.astimezone(UTC).replace(tzinfo=None)
+            if ordered < start - timedelta(days=1):
+                start = ordered
+        return max(now - start, timedelta(0))

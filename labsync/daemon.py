@@ -1,0 +1,212 @@
+"""``labsync run``: the jobs on a schedule, systemd's notify protocol, and a clean stop.
+
+APScheduler 3 (BlockingScheduler, in-memory job store, jobs added at start-up) runs:
+
+- ``sync``: a pass every ``sync.interval``, the first one at start;
+- ``housekeeping``: hourly; old pass records pruned, gauges refreshed;
+- ``watchdog``: when systemd armed one, ``WATCHDOG=1`` every half ``WatchdogSec`` while the
+  sync job makes progress (a pass that stopped moving stops the pings; systemd restarts).
+
+Every job: ``max_instances=1`` (never overlaps itself), ``coalesce`` (runs missed while the
+host slept run once), ``misfire_grace_time`` of one interval. A job's exception is logged
+and the next run still happens. SIGTERM/SIGINT: no new orders are taken, LIS waits are cut
+short, the order in hand is finished (its transaction commits or rolls back whole), and the
+process exits 0 within ``sync.stop_timeout``; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+import structlog
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import delete, func, select
+
+from labsync import sdnotify
+from labsync.app import App
+from labsync.errors import Interrupted
+from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
+from labsync.store.tx import run_tx
+
+log = structlog.get_logger("labsync.daemon")
+
+HOUSEKEEPING_EVERY = timedelta(hours=1)
+KEEP_PASSES = timedelta(days=90)
+FORCED_EXIT = 130
+
+
+def job_defaults(interval: float) -> dict[str, Any]:
+    """What every job gets: never overlapping itself; missed runs coalesced into one."""
+    return {"coalesce": True, "max_instances": 1, "misfire_grace_time": max(int(interval), 1)}
+
+
+class Daemon:
+    """The scheduler around one ``App``. ``run()`` blocks until a signal stops it."""
+
+    def __init__(self, app: App, *, stop: threading.Event | None = None,
+                 env: dict[str, str] | None = None,
+                 scheduler_class: type[BaseScheduler] = BlockingScheduler) -> None:
+        self.app = app
+        self.env = env if env is not None else dict(os.environ)
+        self.stop = stop or threading.Event()
+        self.interval = app.config.sync.interval
+        self.scheduler = scheduler_class(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(4)},
+            job_defaults=job_defaults(self.interval),
+        )
+        self._active = 0
+        self._idle = threading.Condition()
+        self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def add_jobs(self, now: datetime | None = None) -> None:
+        now = now or datetime.now(UTC)
+        self.scheduler.add_job(self._job("sync", self.sync_job), IntervalTrigger(
+            seconds=self.interval, timezone=UTC), id="sync", name="sync", next_run_time=now)
+        self.scheduler.add_job(self._job("housekeeping", self.housekeeping_job), IntervalTrigger(
+            seconds=HOUSEKEEPING_EVERY.total_seconds(), timezone=UTC), id="housekeeping",
+            name="housekeeping", next_run_time=now + timedelta(minutes=1))
+        watchdog = sdnotify.watchdog_seconds(self.env)
+        if watchdog:
+            self.scheduler.add_job(self._job("watchdog", lambda: self.watchdog_job(watchdog)),
+                                   IntervalTrigger(seconds=max(watchdog / 2, 1), timezone=UTC),
+                                   id="watchdog", name="watchdog", next_run_time=now)
+
+    def _job(self, name: str, work: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(job=name)
+            with self._idle:
+                self._active += 1
+            try:
+                if not self.stop.is_set():
+                    work()
+            except Exception:  # the schedule goes on; the next run may well succeed
+                log.exception("job.failed")
+            finally:
+                with self._idle:
+                    self._active -= 1
+                    self._idle.notify_all()
+                structlog.contextvars.clear_contextvars()
+
+        run.__name__ = f"labsync_{name}"
+        return run
+
+    def sync_job(self) -> None:
+        summary = self.app.sync.run_pass(stop=self.stop)
+        self.refresh_gauges()
+        self.app.metrics.pass_finished(summary)
+
+    def housekeeping_job(self) -> None:
+        cutoff = self.app.sync.now() - KEEP_PASSES
+        pruned = run_tx(self.app.engine, lambda conn: conn.execute(
+            delete(labsync_passes).where(labsync_passes.c.STARTED_AT < cutoff)).rowcount)
+        swept = self.app.sync.pdfs.sweep()
+        self.refresh_gauges()
+        log.info("housekeeping.done", passes_pruned=pruned, temp_files_swept=swept)
+
+    def watchdog_job(self, watchdog: float) -> None:
+        sync = self.app.sync
+        stalled = sync.busy and time.monotonic() - sync.progress_at > watchdog
+        if stalled:
+            log.error("watchdog.stalled", seconds=round(time.monotonic() - sync.progress_at))
+            return
+        sdnotify.notify("WATCHDOG=1", self.env)
+
+    def refresh_gauges(self) -> None:
+        if not self.app.metrics.enabled:
+            return
+        counts = run_tx(self.app.engine, _order_counts)
+        self.app.metrics.set_orders(counts["orders"])
+        self.app.metrics.set_mail_queue(counts["mail"])
+
+    def _on_job_event(self, event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MISSED:
+            log.warning("job.missed", job=event.job_id)
+        else:
+            log.error("job.error", job=event.job_id, error=str(event.exception))
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start-up checks, READY=1, the schedule until a signal; returns the exit status."""
+        self._install_signals()
+        self.add_jobs()
+        self.app.metrics.start()
+        sdnotify.notify(f"READY=1\nSTATUS=polling every {self.interval:g} s", self.env)
+        log.info("daemon.started", interval_s=self.interval, pid=os.getpid())
+        self.scheduler.start()  # blocks until shutdown
+        return self._wait_for_jobs()
+
+    def _install_signals(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            # The second signal: the operator means it. Nothing is half-written by this:
+            # an uncommitted transaction is rolled back by the server when we vanish.
+            os.write(2, b"labsync: second signal, exiting now\n")
+            os._exit(FORCED_EXIT)
+        self.stop.set()
+        sdnotify.notify("STOPPING=1", self.env)
+        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+        # Not from inside the handler: shutdown takes locks the interrupted code may hold.
+        threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": False},
+                         daemon=True).start()
+
+    def _wait_for_jobs(self) -> int:
+        deadline = time.monotonic() + self.app.config.sync.stop_timeout
+        with self._idle:
+            while self._active and time.monotonic() < deadline:
+                self._idle.wait(max(deadline - time.monotonic(), 0.01))
+            abandoned = self._active
+        if abandoned:
+            # The order in hand is abandoned, not half-done: its transaction never commits.
+            log.warning("daemon.stop_timeout", jobs_abandoned=abandoned)
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(0)
+        log.info("daemon.stopped")
+        return 0
+
+
+def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
+    """A ``sleep`` for LIS retry waits that a stopping daemon cuts short."""
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise Interrupted("labsync is stopping")
+
+    return sleep
+
+
+def _order_counts(conn: Any) -> dict[str, Any]:
+    o, s = local_lab_orders, labsync_orders
+    by_status = dict(conn.execute(select(o.c.STATUS, func.count()).where(
+        o.c.STATUS.in_(("received", "processing"))).group_by(o.c.STATUS)).all())
+    stale = conn.execute(select(func.count()).select_from(s.join(o, o.c.ID == s.c.ORDER_ID))
+                         .where(s.c.STALE_AT.is_not(None),
+                                o.c.STATUS.in_(("received", "processing")))).scalar_one()
+    failing = conn.execute(select(func.count()).select_from(s)
+                           .where(s.c.FAILURES > 0, s.c.COMPLETED_AT.is_(None))).scalar_one()
+    mail = conn.execute(select(func.count()).select_from(b_event)
+                        .where(b_event.c.SUCCESS_EXEC == "N")).scalar_one()
+    return {"orders": {"pending": by_status.get("received", 0),
+                       "processing": by_status.get("processing", 0),
+                       "stale": stale, "failing": failing}, "mail": mail}
