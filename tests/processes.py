@@ -40,11 +40,14 @@ def write_config(path: Path, *, db_url: str, lis_url: str, api_key: str, pdf_dir
 
 def labsync(config: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``labsync --config CONFIG ARGS…``; its output goes to ``log`` (or is discarded)."""
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's end
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NOTIFY_SOCKET", None)
-    return subprocess.Popen([sys.executable, "-m", "labsync.cli", "--config", str(config), *args],
-                            stdout=out, stderr=subprocess.STDOUT, env=env)
+    command = [sys.executable, "-m", "labsync.cli", "--config", str(config), *args]
+    if log is None:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, env=env)
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -31,7 +31,7 @@ class _Clock:
     def advance(self, seconds: float) -> None:
         self.now_value += timedelta(seconds=seconds)
 
-    def now(self, tz=None):  # noqa: ANN001 - mirrors datetime.now
+    def now(self, tz=None):
         return self.now_value.astimezone(tz) if tz else self.now_value
 
 
@@ -48,7 +48,7 @@ class _Pass:
         self.done = threading.Semaphore(0)
         self._lock = threading.Lock()
 
-    def run_pass(self, stop=None):  # noqa: ANN001
+    def run_pass(self, stop=None):
         with self._lock:
             self.calls += 1
             self.running += 1
@@ -71,7 +71,7 @@ def clock(monkeypatch):
 
     class FakeDatetime(datetime):
         @classmethod
-        def now(cls, tz=None):  # noqa: ANN001
+        def now(cls, tz=None):
             return fake.now(tz)
 
     monkeypatch.setattr(apscheduler_base, "datetime", FakeDatetime)
