@@ -22,6 +22,7 @@ several instances can share one database without working on the same order.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import socket
@@ -201,6 +202,19 @@ class SyncEngine:
 
     def _apply_all(self, futures: list[Future[_Observation]], summary: PassSummary,
                    stop: threading.Event) -> None:
+        try:
+            self._apply_each(futures, summary, stop)
+        except BaseException:
+            # The pass is ending (database gone): the rest of the page is not applied, and
+            # its staged PDFs must not linger as temporary files.
+            for future in futures:
+                if not future.cancel():
+                    with contextlib.suppress(Exception):
+                        self.pdfs.discard(future.result().pdf)
+            raise
+
+    def _apply_each(self, futures: list[Future[_Observation]], summary: PassSummary,
+                    stop: threading.Event) -> None:
         for future in futures:
             if stop.is_set() and future.cancel():
                 summary.skipped += 1

@@ -63,7 +63,7 @@ class Db:
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[Db]:
     admin_url = make_url(MARIADB_ADMIN_URL)
-    admin = create_engine(admin_url)
+    admin = create_engine(admin_url, pool_pre_ping=True)
     try:
         with admin.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -77,7 +77,7 @@ def mariadb() -> Iterator[Db]:
     with admin.begin() as conn:
         conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8 COLLATE utf8_unicode_ci"))
     url = admin_url.set(database=name)
-    engine = create_engine(url)
+    engine = create_engine(url, pool_pre_ping=True)  # survives the restart tests
     with engine.begin() as conn:
         for path in sorted(SQL_DIR.glob("*.sql")):
             for statement in sql_statements(path.read_text(encoding="utf-8")):
