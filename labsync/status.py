@@ -56,6 +56,18 @@ def _status(config: Config, engine: Engine) -> dict[str, Any]:
                 select(s).where(and_(s.c.FAILURES > 0, s.c.LAST_ERROR_AT >= since))
                 .order_by(s.c.LAST_ERROR_AT.desc()).limit(50))
         ]
+        stale = [
+            {"order": r.EXTERNAL_ORDER_ID, "stale_since": r.STALE_AT,
+             "next_poll": r.NEXT_POLL_AT}
+            for r in conn.execute(
+                select(s.c.EXTERNAL_ORDER_ID, s.c.STALE_AT, s.c.NEXT_POLL_AT)
+                .select_from(s.join(o, o.c.ID == s.c.ORDER_ID))
+                .where(s.c.STALE_AT.is_not(None), o.c.STATUS.in_(PENDING))
+                .order_by(s.c.STALE_AT).limit(50))
+        ]
+        stale_total = conn.execute(
+            select(func.count()).select_from(s.join(o, o.c.ID == s.c.ORDER_ID))
+            .where(s.c.STALE_AT.is_not(None), o.c.STATUS.in_(PENDING))).scalar_one()
         last = conn.execute(select(p).order_by(p.c.ID.desc()).limit(1)).mappings().first()
         queued = conn.execute(
             select(func.count()).select_from(b_event).where(
@@ -65,6 +77,8 @@ def _status(config: Config, engine: Engine) -> dict[str, Any]:
     return {
         "pending": pending,
         "pending_total": sum(sum(b.values()) for b in pending.values()),
+        "stale_total": stale_total,
+        "stale": stale,
         "failures_24h": failures,
         "last_pass": dict(last) if last else None,
         "mail_queued_unsent": queued,
@@ -95,6 +109,10 @@ def render_status(report: dict[str, Any]) -> str:
             f"{(last['DURATION_MS'] or 0) / 1000:.1f} s")
     else:
         lines.append("last pass: none yet")
+    lines.append(f"stale orders (pending over sync.stale_after, asked once a day): "
+                 f"{report['stale_total']}")
+    for entry in report["stale"]:
+        lines.append(f"  {entry['order']}: stale since {entry['stale_since']} UTC")
     lines.append(f"mail events waiting for the site to send: {report['mail_queued_unsent']}")
     failures = report["failures_24h"]
     lines.append(f"orders failing in the last 24 h: {len(failures)}")
@@ -136,7 +154,10 @@ def render_order(report: dict[str, Any]) -> str:
             f"{state['LAST_POLL_AT']} UTC; LIS status {state['LIS_STATUS']}",
             f"  failures: {state['FAILURES']} in a row, {state['FAILURES_TOTAL']} in all; last "
             f"error: {state['LAST_ERROR'] or 'none'}",
-            f"  next poll: {state['NEXT_POLL_AT'] or 'next pass'}",
+            f"  next poll: {state['NEXT_POLL_AT'] or 'next pass'}"
+            + (f"; stale since {state['STALE_AT']}" if state["STALE_AT"] else "")
+            + (f"; claimed by {state['LEASE_OWNER']} until {state['LEASE_UNTIL']}"
+               if state["LEASE_OWNER"] else ""),
             f"  PDF: {state['PDF_PATH'] or 'none'}"
             + (f" ({state['PDF_BYTES']} bytes)" if state["PDF_BYTES"] else ""),
             f"  mail: {state['MAIL_STATE'] or 'not yet'}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -484,3 +484,38 @@ def test_json_dump_of_events_is_php_shaped(db, fake_lis, config):
     assert c_fields.startswith("a:6:{") and c_fields.endswith("}")
     assert json.dumps(c_fields)  # plain text, storable as-is
     assert os.path.basename(results(db, "A-1")[0].PDF_PATH) == "A-1.pdf"
+
+
+def test_fresh_pending_order_is_asked_next_pass_and_an_old_one_less_often(db, fake_lis,
+                                                                           config):
+    add_user(db, 7)
+    add_order(db, "NEW-1", 7, order_date=None)
+    add_order(db, "OLD-1", 7, order_date=date(2026, 11, 1))  # a backlog found at install
+    fake_lis.add_order("NEW-1", status="processing", pdf=None)
+    fake_lis.add_order("OLD-1", status="processing", pdf=None)
+    start = datetime(2026, 11, 25, 12, 0)
+
+    run_pass(config, due_only=True, now=lambda: start)
+    later = run_pass(config, due_only=True, now=lambda: start + timedelta(minutes=15))
+
+    assert later.checked == 1  # NEW-1 only
+    next_polls = dict(db.rows("SELECT EXTERNAL_ORDER_ID, NEXT_POLL_AT FROM labsync_orders"))
+    old_next = next_polls["OLD-1"]
+    old_next = datetime.fromisoformat(old_next) if isinstance(old_next, str) else old_next
+    assert old_next - start >= timedelta(hours=5)  # 24 days old: every ~6 h
+
+
+def test_an_order_pending_past_stale_after_is_marked_and_logged_once(db, fake_lis, tmp_path):
+    config = make_config(db, fake_lis, tmp_path / "pdfs", sync={"stale_after": "30d"})
+    add_user(db, 7)
+    add_order(db, "S-1", 7, order_date=date(2026, 10, 1))
+    fake_lis.add_order("S-1", status="processing", pdf=None)
+    start = datetime(2026, 11, 25, 12, 0)
+
+    for hours in (0, 30, 60):
+        run_pass(config, due_only=True, now=lambda h=hours: start + timedelta(hours=h))
+
+    state = db.rows("SELECT STALE_AT, POLLS, NEXT_POLL_AT FROM labsync_orders")[0]
+    assert state.STALE_AT is not None and state.POLLS == 3
+    stale_lines = [e for e in event_log(db) if "still pending" in e.DESCRIPTION]
+    assert len(stale_lines) == 1 and stale_lines[0].ITEM_ID == "S-1"
