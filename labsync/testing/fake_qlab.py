@@ -4,11 +4,14 @@ It speaks the QLAB API as ``CONTRACT.md`` describes it (``/v2`` base, ``X-Api-Ke
 and serves from a daemon thread, so clients talk to it through their real HTTP stack:
 connection pools, keep-alive, timeouts, TLS. Tests script it with ``add_order``/``set_*``,
 break it with ``inject(..., Fault(...))`` and read back what clients did through
-``requests``, ``request_count`` and ``max_in_flight``. Endpoint names used throughout:
+``requests`` (with ``request_times``), ``request_count`` and ``max_in_flight``. Endpoint
+names used throughout:
 ``results``, ``pdf``, ``orders`` (GET /orders), ``create`` (POST /orders); a request that
 matches no route is logged as ``unknown``.
 
-Run ``python -m labsync.testing.fake_qlab --orders 100`` for a standalone server.
+Run ``python -m labsync.testing.fake_qlab --orders 100`` for a standalone server
+(``--help`` lists the options the benchmark in ``bench/perf.py`` uses: PDF size, share of
+completed orders, results per order, counters printed on exit).
 """
 
 from __future__ import annotations
@@ -18,12 +21,18 @@ import contextlib
 import hmac
 import itertools
 import json
+import math
 import re
+import signal
 import ssl
+import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
+from fractions import Fraction
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -37,7 +46,16 @@ from labsync.testing._faultserver import (
 )
 from labsync.testing.pdfs import sample_pdf
 
-__all__ = ["ENDPOINTS", "SAMPLE_PDF", "FakeQlab", "Fault", "main", "sample_results", "seed_orders"]
+__all__ = [
+    "ENDPOINTS",
+    "SAMPLE_PDF",
+    "FakeQlab",
+    "Fault",
+    "main",
+    "sample_results",
+    "seed_orders",
+    "seed_plan",
+]
 
 ENDPOINTS = frozenset({"results", "pdf", "orders", "create", "*"})
 PATIENT_KEYS = ("phone", "last_name", "first_name", "birth_date")
@@ -70,6 +88,7 @@ class FakeQlab:
 
     ``stop()`` then ``start()`` again serves the same orders on the same port (an outage).
     ``created`` keeps the JSON bodies of accepted ``POST /orders`` requests.
+    ``request_times[i]`` is the ``time.monotonic()`` at which ``requests[i]`` arrived.
     """
 
     def __init__(
@@ -89,6 +108,7 @@ class FakeQlab:
         self._faults: list[_Injection] = []
         self._ids = itertools.count(1)
         self.requests: list[tuple[str, str, str | None]] = []
+        self.request_times: list[float] = []
         self.created: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -209,10 +229,21 @@ class FakeQlab:
                 if endpoint in (None, ep) and external_id in (None, oid)
             )
 
+    def counters(self) -> dict[str, Any]:
+        """Requests so far (in all and by endpoint) and the most ever in flight at once."""
+        with self._lock:
+            by_endpoint = Counter(endpoint for endpoint, _method, _oid in self.requests)
+            return {
+                "requests": len(self.requests),
+                "by_endpoint": dict(sorted(by_endpoint.items())),
+                "max_in_flight": self.max_in_flight,
+            }
+
     def reset_counters(self) -> None:
         """Clear the request log; ``max_in_flight`` restarts from the requests in flight now."""
         with self._lock:
             self.requests.clear()
+            self.request_times.clear()
             self.max_in_flight = self.in_flight
 
     # -- serving (called from handler threads) ----------------------------------------------
@@ -234,6 +265,7 @@ class FakeQlab:
     def _handling(self, endpoint: str, method: str, external_id: str | None) -> Iterator[None]:
         with self._lock:
             self.requests.append((endpoint, method, external_id))
+            self.request_times.append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -371,32 +403,69 @@ def sample_results(
     return results
 
 
-def seed_orders(fake: FakeQlab, count: int, *, prefix: str = "QL-") -> list[str]:
-    """Add ``count`` orders: even ones completed (10 results, a PDF), odd ones processing."""
+def seed_plan(
+    count: int, *, prefix: str = "QL-", completed_ratio: float = 0.5
+) -> list[tuple[str, bool]]:
+    """``(external_id, completed)`` of the orders ``seed_orders`` adds, in order.
+
+    Completed orders are spread evenly: order ``i`` is completed when ``ceil((i+1)·r)`` steps
+    past ``ceil(i·r)``, so the first is, and exactly ``ceil(count·r)`` of them are; with the
+    default ½, the even ones.
+    """
+    if not 0 <= completed_ratio <= 1:
+        raise ValueError("completed_ratio must be between 0 and 1")
+    ratio = Fraction(str(completed_ratio))  # exact: no float drift over 100,000 orders
+    return [
+        (f"{prefix}{i + 1:06d}", math.ceil((i + 1) * ratio) > math.ceil(i * ratio))
+        for i in range(count)
+    ]
+
+
+def seed_orders(
+    fake: FakeQlab,
+    count: int,
+    *,
+    prefix: str = "QL-",
+    completed_ratio: float = 0.5,
+    results: int = 10,
+    pdf_size: int | None = None,
+) -> list[str]:
+    """Add ``count`` orders (``seed_plan``): completed ones with ``results`` results and a PDF,
+    the others processing.
+
+    Without ``pdf_size`` each completed order gets its own small PDF naming it. With it, every
+    completed order shares one PDF of exactly ``pdf_size`` bytes, and all share one results
+    list, so 100,000 orders fit in memory (nothing in the fake changes a list in place).
+    """
+    shared_pdf = None if pdf_size is None else sample_pdf("Lab results", size=pdf_size)
+    shared_results = json.loads(json.dumps(sample_results(results)))
     ids = []
-    for i in range(count):
-        external_id = f"{prefix}{i + 1:06d}"
+    for i, (external_id, completed) in enumerate(
+        seed_plan(count, prefix=prefix, completed_ratio=completed_ratio)
+    ):
         patient = {
             "phone": f"+7999{i:07d}",
             "last_name": "Иванова",
             "first_name": "Анна",
             "birth_date": "1985-03-21",
         }
-        if i % 2 == 0:
-            fake.add_order(
-                external_id,
-                results=sample_results(10),
-                patient=patient,
-                pdf=sample_pdf(f"Lab results {external_id}"),
-            )
+        if completed:
+            pdf = shared_pdf or sample_pdf(f"Lab results {external_id}")
+            order = _Order("completed", shared_results, pdf, patient, date.today().isoformat())
         else:
-            fake.add_order(external_id, status="processing", pdf=None, patient=patient)
+            order = _Order("processing", [], None, patient, date.today().isoformat())
+        with fake._lock:
+            fake._orders[external_id] = order
         ids.append(external_id)
     return ids
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve a seeded fake QLAB until Ctrl-C."""
+    """Serve a seeded fake QLAB until Ctrl-C or SIGTERM.
+
+    The first line on stdout is the base URL. With ``--stats``, one JSON line of counters
+    (``FakeQlab.counters``) follows when the server stops.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m labsync.testing.fake_qlab", description=__doc__.splitlines()[0]
     )
@@ -405,13 +474,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default="test-key")
     parser.add_argument("--orders", type=int, default=10, help="orders to seed (default 10)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per response")
+    parser.add_argument("--prefix", default="QL-", help="order id prefix (default QL-)")
+    parser.add_argument(
+        "--completed-ratio",
+        type=float,
+        default=0.5,
+        help="share of the orders that are completed, spread evenly (default 0.5)",
+    )
+    parser.add_argument(
+        "--results", type=int, default=10, help="results per completed order (default 10)"
+    )
+    parser.add_argument(
+        "--pdf-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="every completed order serves one shared PDF of exactly this size",
+    )
+    parser.add_argument(
+        "--stats", action="store_true", help="print the request counters as JSON on exit"
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.completed_ratio <= 1:
+        parser.error("--completed-ratio must be between 0 and 1")
     fake = FakeQlab(args.api_key, host=args.host, port=args.port, latency=args.latency)
-    seed_orders(fake, args.orders)
+    seed_orders(
+        fake,
+        args.orders,
+        prefix=args.prefix,
+        completed_ratio=args.completed_ratio,
+        results=args.results,
+        pdf_size=args.pdf_size,
+    )
+    stop = threading.Event()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if on_main else None
     with fake:
         print(fake.base_url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+            stop.wait()
+    if on_main:
+        signal.signal(signal.SIGTERM, previous)
+    if args.stats:
+        sys.stdout.write(json.dumps(fake.counters()) + "\n")
+        sys.stdout.flush()
     return 0
 
 
