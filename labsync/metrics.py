@@ -44,7 +44,7 @@ LIS_ERROR_KINDS = (
     "bad_data",
     "other",
 )
-PASS_OUTCOMES = ("ok", "lis_auth", "interrupted")
+PASS_OUTCOMES = ("ok", "lis_auth", "lis_unreachable", "interrupted")
 # From a quiet pass over a few orders to a long catch-up after an outage.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _KNOWN_KEYS = frozenset({"port", "textfile", "host"})

@@ -40,7 +40,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from labsync.apply import Applied, OrderApplier
 from labsync.config import Config
-from labsync.errors import Interrupted, LabsyncError, LisAuthError, StoreError
+from labsync.errors import (
+    Interrupted,
+    LabsyncError,
+    LisAuthError,
+    StoreError,
+    TransientLisError,
+)
 from labsync.lis.base import LisClient
 from labsync.model import LisOrder, OrderStatus
 from labsync.pdfs import PdfStore, StagedPdf, is_safe_name
@@ -49,6 +55,11 @@ from labsync.store.db import TextFitter, describe_db_error
 from labsync.store.tx import run_tx
 
 log = structlog.get_logger("labsync.sync")
+
+# After this many transient LIS failures in a row (at least twice the concurrency), with no
+# answer in between, the LIS is taken to be down: the rest of the pass would only queue
+# up retries and fill the logs, and the orders will be asked next pass anyway.
+UNREACHABLE_AFTER = 10
 
 
 def utc_now() -> datetime:
@@ -121,7 +132,12 @@ class SyncEngine:
         self.fitter = fitter
         self.progress_at = time.monotonic()
         self.busy = False
-        self._auth_failed = threading.Event()
+        # Set when asking the LIS about more orders this pass is pointless: it refused the
+        # key, or it has failed every request for a while. ``_halt_reason`` says which.
+        self._halted = threading.Event()
+        self._halt_reason = ""
+        self._streak = 0  # transient LIS failures in a row, across workers
+        self._streak_lock = threading.Lock()
 
     # -- the pass ---------------------------------------------------------------------------
 
@@ -136,7 +152,8 @@ class SyncEngine:
         stop = stop or threading.Event()
         started = time.monotonic()
         summary = PassSummary()
-        self._auth_failed.clear()
+        self._halted.clear()
+        self._halt_reason, self._streak = "", 0
         self.busy, self.progress_at = True, started
         try:
             swept = self.pdfs.sweep()
@@ -150,7 +167,7 @@ class SyncEngine:
             workers = max(1, self.config.lis.max_concurrency)
             with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
                 for page in self._pages(due_only):
-                    if stop.is_set() or self._auth_failed.is_set():
+                    if stop.is_set() or self._halted.is_set():
                         break
                     futures = [pool.submit(contextvars.copy_context().run, self._observe, o,
                                            stop) for o in page]
@@ -158,9 +175,9 @@ class SyncEngine:
         finally:
             self.busy = False
             self._release_claims()
-        if self._auth_failed.is_set():
-            summary.outcome = "lis_auth"
-            self._report_auth_failure()
+        if self._halted.is_set():
+            summary.outcome = self._halt_reason
+            self._report_halt()
         elif stop.is_set():
             summary.outcome = "interrupted"
         summary.duration_s = round(time.monotonic() - started, 3)
@@ -220,7 +237,8 @@ class SyncEngine:
                 summary.skipped += 1
                 continue
             obs = future.result()
-            if obs.skipped or isinstance(obs.error, LisAuthError):
+            if obs.skipped or isinstance(obs.error, LisAuthError) or (
+                    self._halted.is_set() and isinstance(obs.error, TransientLisError)):
                 self.pdfs.discard(obs.pdf)
                 summary.skipped += 1
                 continue
@@ -233,7 +251,7 @@ class SyncEngine:
     def _observe(self, order: orders.PendingOrder, stop: threading.Event) -> _Observation:
         structlog.contextvars.bind_contextvars(order=order.external_id)
         obs = _Observation(order)
-        if self._auth_failed.is_set() or stop.is_set():
+        if self._halted.is_set() or stop.is_set():
             obs.skipped = True
             return obs
         try:
@@ -243,14 +261,17 @@ class SyncEngine:
             obs.lis_order = self.lis.fetch_order(order.external_id)
             if obs.lis_order.status is OrderStatus.COMPLETED:
                 obs.pdf = self.pdfs.stage(order.user_id, order.external_id, self.lis)
+            self._lis_answered()
         except Interrupted:
             obs.skipped = True
         except LisAuthError as exc:
-            if not self._auth_failed.is_set():
-                self._auth_failed.set()
-                log.error("lis.auth_failed", error=str(exc))
+            self._halt("lis_auth", "lis.auth_failed", str(exc))
+            obs.error = exc
+        except TransientLisError as exc:
+            self._lis_failed(exc)
             obs.error = exc
         except LabsyncError as exc:
+            self._lis_answered()  # bad data or a 4xx: the LIS is there
             obs.error = exc
         except Exception as exc:  # a bug must not end the pass for every order
             log.exception("order.internal_error")
@@ -298,15 +319,41 @@ class SyncEngine:
         except (StoreError, SQLAlchemyError) as exc:
             log.error("order.failure_not_recorded", error=str(exc))
 
-    def _report_auth_failure(self) -> None:
-        message = ("the LIS refused labsync's API key (HTTP 401/403); no orders were asked "
-                   "about for the rest of this pass: check lis.api_key")
+    def _halt(self, reason: str, event: str, error: str) -> None:
+        """Stop asking the LIS for the rest of the pass; say why once."""
+        with self._streak_lock:
+            if self._halted.is_set():
+                return
+            self._halt_reason = reason
+            self._halted.set()
+        log.error(event, error=error)
+
+    def _lis_answered(self) -> None:
+        with self._streak_lock:
+            self._streak = 0
+
+    def _lis_failed(self, exc: TransientLisError) -> None:
+        with self._streak_lock:
+            self._streak += 1
+            streak = self._streak
+        if streak >= max(UNREACHABLE_AFTER, 2 * self.config.lis.max_concurrency):
+            self._halt("lis_unreachable", "lis.unreachable",
+                       f"{streak} LIS requests in a row failed, the last: {exc}")
+
+    def _report_halt(self) -> None:
+        if self._halt_reason == "lis_auth":
+            message = ("the LIS refused labsync's API key (HTTP 401/403); no orders were "
+                       "asked about for the rest of this pass: check lis.api_key")
+        else:
+            message = ("the LIS did not answer (every request failed, retries included); "
+                       "the rest of this pass's orders were left for the next pass: check "
+                       "lis.base_url and the LIS")
         if self.metrics is not None:
-            self.metrics.lis_error("auth")
+            self.metrics.lis_error("auth" if self._halt_reason == "lis_auth" else "transient")
         try:
             run_tx(self.engine, lambda conn: bitrix.add_event_log(
                 conn, self.fitter, item_id="labsync", description=message,
                 now_site=self.applier.site_time(self.now()),
                 site_id=self.config.notify.site_id, severity="ERROR"))
         except (StoreError, SQLAlchemyError) as exc:
-            log.error("lis.auth_failure_not_recorded", error=str(exc))
+            log.error("lis.halt_not_recorded", error=str(exc))

@@ -519,3 +519,24 @@ def test_an_order_pending_past_stale_after_is_marked_and_logged_once(db, fake_li
     assert state.STALE_AT is not None and state.POLLS == 3
     stale_lines = [e for e in event_log(db) if "still pending" in e.DESCRIPTION]
     assert len(stale_lines) == 1 and stale_lines[0].ITEM_ID == "S-1"
+
+
+def test_an_lis_that_fails_every_request_ends_the_passs_lis_work_early(db, fake_lis, tmp_path):
+    config = make_config(db, fake_lis, tmp_path / "pdfs", lis={"max_concurrency": 2})
+    add_user(db, 7)
+    for i in range(60):
+        add_order(db, f"D-{i}", 7)
+        fake_lis.add_order(f"D-{i}", results=RESULTS)
+    fake_lis.inject(None, "results", Fault(status=503), times=None)
+
+    summary = run_pass(config)
+
+    assert summary.outcome == "lis_unreachable"
+    asked = fake_lis.request_count("results")
+    assert asked < 3 * 20  # 3 tries an order, ~10 orders, not all 60
+    charged = db.scalar("SELECT COUNT(*) FROM labsync_orders WHERE FAILURES > 0")
+    assert charged < 20  # failures seen once the LIS was judged down are not charged
+    [entry] = [e for e in event_log(db) if e.ITEM_ID == "labsync"]
+    assert entry.SEVERITY == "ERROR" and "did not answer" in entry.DESCRIPTION
+    fake_lis.clear_faults()
+    assert run_pass(config).completed == 60  # the next pass takes them all

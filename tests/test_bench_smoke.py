@@ -1,0 +1,127 @@
+"""The benchmark cannot rot: a small run of ``bench/perf.py``, and the LIS load caps it relies on.
+
+No assertion here is about speed. The smoke run checks the benchmark's structure and that
+both contenders wrote exactly what they should; the timing targets live in its report
+(docs/performance.md). The cap tests check a property of labsync, not a speed: never more
+than ``lis.max_concurrency`` requests in flight, never more than ``lis.max_rps`` started in
+any second.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from labsync.app import open_app
+from labsync.testing.fake_qlab import FakeQlab, sample_results, seed_plan
+from tests.conftest import MARIADB_ADMIN_URL, Db, add_order, add_user, make_config
+from tests.helpers import run_pass
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_databases() -> set[str]:
+    engine = create_engine(MARIADB_ADMIN_URL)
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(text("SHOW DATABASES LIKE 'labsync\\_bench\\_%'")).scalars())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.mariadb
+@pytest.mark.slow
+def test_benchmark_smoke_run_measures_both_and_checks_what_they_wrote(mariadb: Db, tmp_path):
+    out = tmp_path / "report.json"
+    before = _bench_databases()
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.perf", "--orders", "40", "--latency", "0.01",
+         "--concurrency", "4", "--pdf-size", "20000", "--rss-orders", "0", "--noop-runs", "1",
+         "--profile", "--profile-top", "5", "--admin-url", MARIADB_ADMIN_URL,
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "BASELINE" in finished.stdout and "targets:" in finished.stdout
+    report = json.loads(out.read_text())
+    [run] = report["runs"]
+    baseline, labsync = run["baseline"], run["labsync"]
+    for measured in (baseline, labsync):
+        assert measured["ok"] and measured["exit_code"] == 0
+        assert measured["completed"] == measured["expected_completed"] == 20
+        assert measured["events"] == measured["pdf_files"] == 20
+        assert measured["result_rows"] == 20 * 10
+        assert measured["duplicate_results"] == measured["pdf_wrong_size"] == 0
+        assert measured["event_log_rows"] == 0
+        assert measured["lis_by_endpoint"] == {"pdf": 20, "results": 40}
+        assert measured["lis_requests"] == 60
+        assert measured["wall_s"] > 0 and measured["cpu_s"] > 0 and measured["peak_rss_mb"] > 0
+        assert measured["little_limit_s"] > 0
+    assert baseline["lis_max_in_flight"] == 1
+    assert 1 <= labsync["lis_max_in_flight"] <= 4
+    assert labsync["pass"]["completed"] == 20 and labsync["pass"]["failed"] == 0
+    assert labsync["cpu_ms_per_completed"] is not None and labsync["cpu_ms_per_completed"] >= 0
+    assert run["speedup"] > 0
+    assert report["noop"]["cpu_s"] > 0
+    assert report["rss"] is None
+    assert report["profile"]["top"] and report["profile"]["profiled_cpu_s"] > 0
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    assert report["targets"][-1]["met"]  # every run wrote exactly what it should
+    assert _bench_databases() <= before  # the scratch database is dropped
+
+
+def test_seed_plan_spreads_the_completed_share_evenly() -> None:
+    plan = seed_plan(100_000, completed_ratio=0.1)
+
+    assert sum(done for _id, done in plan) == 10_000
+    assert [done for _id, done in plan[:11]] == [True] + [False] * 9 + [True]
+    assert plan[-1][0] == "QL-100000"
+    assert [done for _id, done in seed_plan(4)] == [True, False, True, False]
+
+
+def _orders(db: Db, fake: FakeQlab, count: int, *, completed_every: int) -> None:
+    add_user(db, 7)
+    for i in range(count):
+        external_id = f"CAP-{i:04d}"
+        add_order(db, external_id, 7)
+        if i % completed_every == 0:
+            fake.add_order(external_id, results=sample_results(3))
+        else:
+            fake.add_order(external_id, status="processing", pdf=None)
+
+
+def test_lis_requests_in_flight_never_exceed_max_concurrency(db, fake_lis, tmp_path):
+    fake_lis.latency = 0.05  # long enough for every worker to be waiting at once
+    _orders(db, fake_lis, 60, completed_every=2)
+    config = make_config(db, fake_lis, tmp_path / "pdfs", lis={"max_concurrency": 3})
+
+    summary = run_pass(config)
+
+    assert (summary.checked, summary.completed, summary.failed) == (60, 30, 0)
+    assert fake_lis.request_count() == 90
+    assert fake_lis.max_in_flight == 3  # reached, never passed
+
+
+def test_lis_requests_keep_to_max_rps_under_load(db, fake_lis, tmp_path):
+    rps, orders = 20.0, 20
+    fake_lis.latency = 0.02
+    _orders(db, fake_lis, orders, completed_every=1)  # results and PDF: 40 requests
+    config = make_config(db, fake_lis, tmp_path / "pdfs",
+                         lis={"max_rps": rps, "max_concurrency": 8})
+
+    with open_app(config) as app:  # the real client: its rate limiter really sleeps
+        summary = app.sync.run_pass(due_only=False)
+
+    assert (summary.completed, summary.failed) == (orders, 0)
+    starts = sorted(fake_lis.request_times)
+    assert len(starts) == 2 * orders
+    # Eight workers would send all 40 in ~0.1 s; the cap spaces them 1/rps apart.
+    assert starts[-1] - starts[0] >= (len(starts) - 1) / rps - 0.05
+    busiest = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+    assert busiest <= rps + 1  # one of slack: a request the scheduler held back a moment
