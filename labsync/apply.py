@@ -54,13 +54,12 @@ class OrderApplier:
     def apply(self, conn: Connection, order: orders.PendingOrder, lis_order: LisOrder,
               pdf: StagedPdf | None, now: datetime) -> Applied:
         """The order's transaction. ``now`` is UTC, naive."""
-        current = orders.lock_order(conn, order.id)
+        current, state = orders.lock_order(conn, order.id)
         if (current is None or current.user_id != order.user_id
                 or current.external_id != order.external_id
                 or current.status not in (*orders.PENDING, None)):
             log.info("order.changed_meanwhile", status=current and current.status)
             return Applied("skipped")
-        state = orders.get_state(conn, order.id)
         if state is not None and state.LEASE_OWNER not in (None, self.owner):
             log.warning("order.lease_lost", holder=state.LEASE_OWNER)
             return Applied("skipped")
@@ -86,7 +85,10 @@ class OrderApplier:
             rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
                                   fitter=self.fitter, pdf_path=pdf_path)
             applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
-            changes = orders.write_results(conn, order.id, rows)
+            if rows or status is OrderStatus.COMPLETED or (state and state.RESULTS_COUNT):
+                changes = orders.write_results(conn, order.id, rows)
+            else:  # still in the lab, nothing reported yet, nothing of ours stored: no work
+                changes = orders.ResultChanges()
             values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
             if status is OrderStatus.COMPLETED:
                 orders.set_order_status(conn, order.id, "completed", now_site)
@@ -94,7 +96,9 @@ class OrderApplier:
                 if state is None or state.NOTIFIED_AT is None:
                     applied.events = self._notify(conn, order, now, now_site, values)
                 log.info("order.completed", results=len(rows), inserted=changes.inserted,
-                         updated=changes.updated, deleted=changes.deleted, pdf=pdf_path)
+                         updated=changes.updated, deleted=changes.deleted, pdf=pdf_path,
+                         mail=values.get("MAIL_STATE", "sent before"),
+                         mail_event=values.get("MAIL_EVENT_ID"))
             else:
                 if current.status != "processing":
                     orders.set_order_status(conn, order.id, "processing", None)
@@ -116,8 +120,7 @@ class OrderApplier:
         if decision.event_id is None:
             log.warning("mail.skipped", reason=decision.state, user_id=order.user_id)
             return 0
-        log.info("mail.queued", event_id=decision.event_id, user_id=order.user_id)
-        return 1
+        return 1  # the order.completed line names the mail event
 
     def _schedule(self, conn: Connection, order: orders.PendingOrder, state: Any,
                   now: datetime, values: dict[str, Any]) -> None:

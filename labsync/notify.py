@@ -30,13 +30,21 @@ class BitrixNotifier:
     def __init__(self, config: NotifyConfig, fitter: TextFitter) -> None:
         self.config = config
         self.fitter = fitter
+        # Users looked up during one pass (a patient often has several orders ready at once).
+        self._users: dict[int, bitrix.SiteUser | None] = {}
+
+    def new_pass(self) -> None:
+        """Forget the users of the last pass: an address changed since is read afresh."""
+        self._users.clear()
 
     def order_ready(
         self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
         now_site: datetime,
     ) -> MailDecision:
         """Queue the ready mail for a completed order, unless its user cannot receive it."""
-        user = bitrix.get_user(conn, user_id)
+        if user_id not in self._users:
+            self._users[user_id] = bitrix.get_user(conn, user_id)
+        user = self._users[user_id]
         if user is None:
             return MailDecision("no_user")
         if not user.active:

@@ -154,6 +154,7 @@ class SyncEngine:
         summary = PassSummary()
         self._halted.clear()
         self._halt_reason, self._streak = "", 0
+        self.applier.notifier.new_pass()
         self.busy, self.progress_at = True, started
         try:
             swept = self.pdfs.sweep()

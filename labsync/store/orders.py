@@ -56,15 +56,30 @@ def pending_page(
     return [_order_from_row(r) for r in conn.execute(query)]
 
 
-def lock_order(conn: Connection, order_id: int) -> PendingOrder | None:
-    """Re-read the order inside the caller's transaction, holding its row lock until commit."""
-    o = local_lab_orders
+def lock_order(conn: Connection, order_id: int) -> tuple[PendingOrder | None, Any]:
+    """Re-read the order and its bookkeeping inside the caller's transaction, holding both
+    rows locked until commit (one round trip). The bookkeeping is None if there is none."""
+    o, s = local_lab_orders, labsync_orders
     row = conn.execute(
-        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE)
+        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
+               *[c.label(f"s_{c.name}") for c in s.c])
+        .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
         .where(o.c.ID == order_id)
         .with_for_update()
     ).first()
-    return None if row is None else _order_from_row(row)
+    if row is None:
+        return None, None
+    state = None
+    if row.s_ORDER_ID is not None:
+        state = _State(**{c.name: getattr(row, f"s_{c.name}") for c in s.c})
+    return _order_from_row(row), state
+
+
+class _State:
+    """A ``labsync_orders`` row read by ``lock_order``: its columns as attributes."""
+
+    def __init__(self, **columns: Any) -> None:
+        self.__dict__.update(columns)
 
 
 def find_order(conn: Connection, external_id: str) -> Any:
