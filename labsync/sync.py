@@ -167,12 +167,17 @@ class SyncEngine:
             log.info("pass.started")
             workers = max(1, self.config.lis.max_concurrency)
             with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
+                # One page ahead: the workers ask the LIS about the next page while this
+                # thread applies the last one, so neither waits for the other at page ends.
+                ahead: list[Future[_Observation]] = []
                 for page in self._pages(due_only):
                     if stop.is_set() or self._halted.is_set():
                         break
                     futures = [pool.submit(contextvars.copy_context().run, self._observe, o,
                                            stop) for o in page]
-                    self._apply_all(futures, summary, stop)
+                    self._apply_all(ahead, summary, stop)
+                    ahead = futures
+                self._apply_all(ahead, summary, stop)
         finally:
             self.busy = False
             self._release_claims()
