@@ -24,3 +24,6 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.local_lab_results TO 'labsync'@'l
 -- labsync's own bookkeeping.
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_orders TO 'labsync'@'localhost';
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_passes TO 'labsync'@'localhost';
+GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_outbox TO 'labsync'@'localhost';
+GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_review TO 'labsync'@'localhost';
+GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_discovery TO 'labsync'@'localhost';

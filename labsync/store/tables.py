@@ -175,6 +175,10 @@ labsync_orders = Table(
     Column("MAIL_EVENT_ID", Integer),
     Column("NOTIFIED_AT", DateTime),
     Column("STALE_AT", DateTime),  # pending longer than sync.stale_after; logged once
+    # Corrections after completion: the results' version (1 at completion, +1 for each
+    # change the LIS makes while the order is re-checked) and the last version mailed.
+    Column("RESULTS_VERSION", Integer),
+    Column("UPDATE_NOTIFIED_VERSION", Integer),
     # A claim: the instance working on the order now, and until when (see store/claims.py).
     Column("LEASE_OWNER", String(100)),
     Column("LEASE_UNTIL", DateTime),
@@ -203,4 +207,60 @@ labsync_passes = Table(
     **_OWN,
 )
 
-OWN_TABLES = (labsync_orders, labsync_passes)
+# Mail sent by labsync itself (notify.backend = "smtp"): rendered in the order's own
+# transaction, sent by the sender job. (ORDER_ID, KIND, VERSION) is unique: one message per
+# event, however often a pass is retried; MESSAGE_ID is stable, so a re-send after a crash
+# is recognisable as the same message.
+labsync_outbox = Table(
+    "labsync_outbox",
+    metadata,
+    Column("ID", _BigId, primary_key=True, autoincrement=True),
+    Column("ORDER_ID", BigInteger, nullable=False),
+    Column("EXTERNAL_ORDER_ID", String(100), nullable=False),
+    Column("KIND", String(20), nullable=False),  # ready | updated
+    Column("VERSION", Integer, nullable=False, server_default="1"),
+    Column("RECIPIENT", String(255), nullable=False),
+    Column("SUBJECT", String(500), nullable=False),
+    Column("BODY_TEXT", _MediumText, nullable=False),
+    Column("BODY_HTML", _MediumText),
+    Column("MESSAGE_ID", String(255), nullable=False, unique=True),
+    Column("STATE", String(20), nullable=False, server_default="pending"),  # pending|sent|failed
+    Column("ATTEMPTS", Integer, nullable=False, server_default="0"),
+    Column("NEXT_ATTEMPT_AT", DateTime),
+    Column("LAST_ERROR", String(1000)),
+    Column("CREATED_AT", DateTime, nullable=False),
+    Column("SENT_AT", DateTime),
+    Index("ux_labsync_outbox_event", "ORDER_ID", "KIND", "VERSION", unique=True),
+    Index("ix_labsync_outbox_state", "STATE", "NEXT_ATTEMPT_AT"),
+    **_OWN,
+)
+
+# Orders found in the LIS by phone that could not be attached to one site user safely.
+labsync_review = Table(
+    "labsync_review",
+    metadata,
+    Column("ID", _BigId, primary_key=True, autoincrement=True),
+    Column("EXTERNAL_ORDER_ID", String(100), nullable=False, unique=True),
+    Column("PHONE", String(25), nullable=False),
+    Column("REASON", String(30), nullable=False),  # ambiguous | mismatch | no_second_factor
+    Column("CANDIDATES", String(255)),  # site user IDs, comma-separated
+    Column("DETAIL", String(1000)),
+    Column("FIRST_SEEN_AT", DateTime, nullable=False),
+    Column("LAST_SEEN_AT", DateTime, nullable=False),
+    Column("RESOLVED_AT", DateTime),
+    **_OWN,
+)
+
+# Discovery's rotation through eligible site users: who was asked about when.
+labsync_discovery = Table(
+    "labsync_discovery",
+    metadata,
+    Column("USER_ID", Integer, primary_key=True, autoincrement=False),
+    Column("LAST_CHECKED_AT", DateTime),
+    Column("ORDERS_FOUND", Integer, nullable=False, server_default="0"),
+    Index("ix_labsync_discovery_checked", "LAST_CHECKED_AT"),
+    **_OWN,
+)
+
+OWN_TABLES = (labsync_orders, labsync_passes, labsync_outbox, labsync_review,
+              labsync_discovery)
