@@ -20,7 +20,7 @@ from labsync.errors import LabsyncError
 from labsync.model import LisOrder, OrderStatus
 from labsync.notify import BitrixNotifier
 from labsync.pdfs import PdfStore, StagedPdf
-from labsync.polling import failure_delay, is_stale, poll_delay
+from labsync.polling import failure_delay, is_stale, poll_delay, recheck_delay
 from labsync.results import results_hash, to_rows
 from labsync.store import bitrix, orders
 from labsync.store.db import TextFitter
@@ -32,7 +32,7 @@ log = structlog.get_logger("labsync.sync")
 class Applied:
     """The outcome of one order in a pass."""
 
-    outcome: str  # completed | cancelled | pending | skipped | failed
+    outcome: str  # completed | corrected | rechecked | cancelled | pending | skipped | failed
     events: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -48,6 +48,13 @@ class OrderApplier:
         self.notifier = BitrixNotifier(config.notify, fitter)
         self.interval = timedelta(seconds=config.sync.interval)
         self.stale_after = timedelta(seconds=config.sync.stale_after)
+        self.recheck_window = timedelta(days=config.sync.recheck_days)
+
+    def fingerprint(self, lis_order: LisOrder) -> str:
+        """The fingerprint of the rows these results would become (to notice corrections)."""
+        rows, _ = to_rows(lis_order.results, zone=self.config.site.timezone,
+                          fitter=self.fitter, pdf_path=None)
+        return results_hash(rows)
 
     # -- success ------------------------------------------------------------------------------
 
@@ -81,7 +88,8 @@ class OrderApplier:
                 assert pdf is not None
                 pdf_path = str(self.pdfs.publish(pdf))
                 values.update(PDF_PATH=pdf_path, PDF_SHA256=pdf.sha256, PDF_BYTES=pdf.size,
-                              COMPLETED_AT=now, NEXT_POLL_AT=None)
+                              COMPLETED_AT=now, RESULTS_VERSION=1,
+                              NEXT_POLL_AT=self._next_recheck(timedelta(0), now))
             rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
                                   fitter=self.fitter, pdf_path=pdf_path)
             applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
@@ -109,6 +117,58 @@ class OrderApplier:
             self._schedule(conn, order, state, now, values)
         orders.save_state(conn, order, now, values, exists=state is not None)
         return applied
+
+    # -- corrections ----------------------------------------------------------------------------
+
+    def recheck(self, conn: Connection, order: orders.PendingOrder, lis_order: LisOrder,
+                pdf: StagedPdf | None, now: datetime) -> Applied:
+        """A completed order asked again: apply a correction, if the LIS made one."""
+        current, state = orders.lock_order(conn, order.id)
+        if (current is None or state is None or current.status != "completed"
+                or current.user_id != order.user_id
+                or state.LEASE_OWNER not in (None, self.owner)):
+            return Applied("skipped")
+        since = now - (state.COMPLETED_AT or now)
+        values: dict[str, Any] = {
+            "LAST_POLL_AT": now, "POLLS": (state.POLLS or 0) + 1, "FAILURES": 0,
+            "LIS_STATUS": lis_order.status.value, "LEASE_OWNER": None, "LEASE_UNTIL": None,
+            "NEXT_POLL_AT": self._next_recheck(since, now),
+        }
+        applied = Applied("rechecked")
+        if lis_order.status is not OrderStatus.COMPLETED:
+            # The site keeps showing the released results; a human should look at this.
+            log.warning("order.recheck_status_changed", lis_status=lis_order.status.value)
+        else:
+            pdf_path = state.PDF_PATH or str(self.pdfs.final_path(order.user_id,
+                                                                   order.external_id))
+            if pdf is not None:
+                pdf_path = str(self.pdfs.publish(pdf))
+                values.update(PDF_PATH=pdf_path, PDF_SHA256=pdf.sha256, PDF_BYTES=pdf.size)
+            rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
+                                  fitter=self.fitter, pdf_path=pdf_path)
+            applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
+            changes = orders.write_results(conn, order.id, rows)
+            if changes.any:
+                version = (state.RESULTS_VERSION or 1) + 1
+                values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows),
+                              RESULTS_VERSION=version)
+                orders.set_order_status(conn, order.id, "completed", self.site_time(now))
+                applied.outcome = "corrected"
+                if (state.UPDATE_NOTIFIED_VERSION or 1) < version:
+                    decision = self.notifier.order_updated(
+                        conn, order_id=order.id, external_id=order.external_id,
+                        user_id=order.user_id, version=version, now_site=self.site_time(now))
+                    values["UPDATE_NOTIFIED_VERSION"] = version
+                    applied.events = 1 if decision.event_id is not None else 0
+                log.info("order.corrected", version=version, inserted=changes.inserted,
+                         updated=changes.updated, deleted=changes.deleted,
+                         mail=applied.events == 1)
+        orders.save_state(conn, order, now, values, exists=True)
+        return applied
+
+    def _next_recheck(self, since_completion: timedelta, now: datetime) -> datetime | None:
+        delay = recheck_delay(since_completion, window=self.recheck_window)
+        return None if delay is None else now + delay
 
     def _notify(self, conn: Connection, order: orders.PendingOrder, now: datetime,
                 now_site: datetime, values: dict[str, Any]) -> int:

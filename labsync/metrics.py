@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("labsync.metrics")
 
 MISSING_PACKAGE = "metrics: prometheus-client is not installed (pip install 'labsync[metrics]')"
-ORDER_OUTCOMES = ("completed", "cancelled", "pending", "failed", "skipped")
+ORDER_OUTCOMES = ("completed", "corrected", "rechecked", "cancelled", "pending", "failed",
+                  "skipped")
 ORDER_STATES = ("pending", "processing", "stale", "failing")
 LIS_ERROR_KINDS = (
     "transient",

@@ -42,6 +42,19 @@ class BitrixNotifier:
         now_site: datetime,
     ) -> MailDecision:
         """Queue the ready mail for a completed order, unless its user cannot receive it."""
+        return self._queue(conn, self.config.event_name, order_id, external_id, user_id,
+                           now_site, {})
+
+    def order_updated(
+        self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
+        version: int, now_site: datetime,
+    ) -> MailDecision:
+        """Queue the "results corrected" mail for version ``version`` of an order's results."""
+        return self._queue(conn, self.config.updated_event_name, order_id, external_id,
+                           user_id, now_site, {"VERSION": str(version)})
+
+    def _queue(self, conn: Connection, event_name: str, order_id: int, external_id: str,
+               user_id: int, now_site: datetime, extra: dict[str, str]) -> MailDecision:
         if user_id not in self._users:
             self._users[user_id] = bitrix.get_user(conn, user_id)
         user = self._users[user_id]
@@ -58,9 +71,10 @@ class BitrixNotifier:
             "ORDER_ID": external_id,
             "LOCAL_ORDER_ID": str(order_id),
             "RESULT_URL": self.config.result_url.format(order_id=order_id),
+            **extra,
         }
         event_id = bitrix.queue_mail_event(
-            conn, self.fitter, event_name=self.config.event_name, site_id=self.config.site_id,
+            conn, self.fitter, event_name=event_name, site_id=self.config.site_id,
             fields=fields, duplicate=self.config.duplicate, now_site=now_site,
         )
         return MailDecision("queued", event_id)

@@ -53,5 +53,24 @@ def failure_delay(failures: int, *, rng: random.Random | None = None) -> timedel
     return base * (rng or random).uniform(0.8, 1.2)
 
 
+def recheck_delay(since_completion: timedelta, *, window: timedelta,
+                  rng: random.Random | None = None) -> timedelta | None:
+    """When to ask again about a completed order, for corrections; None once ``window`` is over.
+
+    Corrections come mostly soon after a result is released, so the waits double with
+    the order's time since completion: about 1 h, 2 h, 4 h… up to a day. That is ~11
+    requests for a 7-day window.
+    """
+    base = min(max(since_completion, RECHECK_FIRST), RECHECK_MAX)
+    delay = base * (rng or random).uniform(1 - JITTER, 1 + JITTER)
+    if since_completion + delay > window:
+        return None  # the next ask would fall outside the window: this was the last
+    return delay
+
+
+RECHECK_FIRST = timedelta(hours=1)
+RECHECK_MAX = timedelta(hours=24)
+
+
 def is_stale(age: timedelta, stale_after: timedelta) -> bool:
     return age >= stale_after

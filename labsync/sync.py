@@ -75,6 +75,8 @@ class PassSummary:
     completed: int = 0
     cancelled: int = 0
     pending: int = 0
+    corrected: int = 0
+    rechecked: int = 0  # completed orders asked again for corrections, none found
     failed: int = 0
     skipped: int = 0
     events: int = 0
@@ -202,10 +204,13 @@ class SyncEngine:
         after = 0
         size = self.config.sync.page_size
         lease = timedelta(seconds=self.config.sync.lease)
+        days = self.config.sync.recheck_days
         while True:
             now = self.now()
-            page = run_tx(self.engine, lambda conn, after=after, now=now: orders.pending_page(
-                conn, after_id=after, limit=size, now_utc=now, due_only=due_only))
+            since = now - timedelta(days=days) if days else None
+            page = run_tx(self.engine, lambda conn, after=after, now=now, since=since:
+                          orders.pending_page(conn, after_id=after, limit=size, now_utc=now,
+                                              due_only=due_only, recheck_since=since))
             if not page:
                 return
             mine = run_tx(self.engine, lambda conn, page=page, now=now: claims.claim(
@@ -265,7 +270,10 @@ class SyncEngine:
                 # Checked before asking the LIS: such an id must never become a path.
                 self.pdfs.final_path(order.user_id, order.external_id)
             obs.lis_order = self.lis.fetch_order(order.external_id)
-            if obs.lis_order.status is OrderStatus.COMPLETED:
+            if obs.lis_order.status is OrderStatus.COMPLETED and (
+                    not order.recheck
+                    or self.applier.fingerprint(obs.lis_order) != order.results_hash):
+                # A correction usually comes with a new form: fetch it with the results.
                 obs.pdf = self.pdfs.stage(order.user_id, order.external_id, self.lis)
             self._lis_answered()
         except Interrupted:
@@ -294,7 +302,8 @@ class SyncEngine:
         lis_order = obs.lis_order
         assert lis_order is not None
         try:
-            applied = run_tx(self.engine, lambda conn: self.applier.apply(
+            work = self.applier.recheck if order.recheck else self.applier.apply
+            applied = run_tx(self.engine, lambda conn: work(
                 conn, order, lis_order, obs.pdf, self.now()), retry=True)
         except StoreError:
             self.pdfs.discard(obs.pdf)

@@ -66,10 +66,12 @@ def test_second_and_third_pass_write_nothing_new(db, fake_lis, config):
 
     second, third = run_pass(config), run_pass(config)
 
-    assert second.checked == third.checked == 0  # completed orders are no longer pending
+    # Asked again for corrections (sync.recheck_days), but nothing changed: nothing written.
+    assert second.rechecked == third.rechecked == 1
+    assert second.completed == third.completed == 0
     assert [tuple(r) for r in results(db, "A-1")] == before
     assert len(events(db)) == 1
-    assert fake_lis.request_count("results", "A-1") == 1
+    assert fake_lis.request_count("pdf", "A-1") == 1  # unchanged results: the form is kept
 
 
 def test_reprocessing_a_completed_order_adds_no_twin_rows_and_no_second_mail(db, fake_lis, config):
@@ -540,3 +542,55 @@ def test_an_lis_that_fails_every_request_ends_the_passs_lis_work_early(db, fake_
     assert entry.SEVERITY == "ERROR" and "did not answer" in entry.DESCRIPTION
     fake_lis.clear_faults()
     assert run_pass(config).completed == 60  # the next pass takes them all
+
+
+def test_a_correction_after_completion_updates_in_place_and_queues_one_update_mail(
+        db, fake_lis, config):
+    add_user(db, 7)
+    add_order(db, "C-1", 7)
+    fake_lis.add_order("C-1", results=RESULTS, pdf=sample_pdf("v1"))
+    run_pass(config)
+    ids = {r.TEST_CODE: r.ID for r in results(db, "C-1")}
+    fake_lis.set_results("C-1", [dict(RESULTS[0], value=119, abnormal=True), *RESULTS[1:]])
+    fake_lis.set_pdf("C-1", sample_pdf("v2"))
+
+    first, again = run_pass(config), run_pass(config)
+
+    assert first.corrected == 1 and first.events == 1
+    assert again.rechecked == 1 and again.events == 0  # one mail per version, not per pass
+    rows = {r.TEST_CODE: r for r in results(db, "C-1")}
+    assert {k: r.ID for k, r in rows.items()} == ids  # updated in place, no twins
+    assert (rows["HGB"].RESULT_VALUE, rows["HGB"].IS_ABNORMAL) == ("119", "Y")
+    assert (config.pdf.dir / "7" / "C-1.pdf").read_bytes() == sample_pdf("v2")
+    ready, updated = events(db)
+    assert ready.EVENT_NAME == "LAB_RESULTS_READY" and updated.EVENT_NAME == "LAB_RESULTS_UPDATED"
+    assert 's:7:"VERSION";s:1:"2";' in updated.C_FIELDS
+    fake_lis.set_results("C-1", [dict(RESULTS[0], value=121), *RESULTS[1:]])
+    run_pass(config)
+    assert [e.EVENT_NAME for e in events(db)][-1] == "LAB_RESULTS_UPDATED"
+    assert 's:7:"VERSION";s:1:"3";' in events(db)[-1].C_FIELDS
+    assert db.scalar("SELECT RESULTS_VERSION FROM labsync_orders") == 3
+
+
+def test_completed_orders_are_not_rechecked_after_the_window(db, fake_lis, tmp_path):
+    config = make_config(db, fake_lis, tmp_path / "pdfs", sync={"recheck_days": 2})
+    add_user(db, 7)
+    add_order(db, "W-1", 7, order_date=None)
+    fake_lis.add_order("W-1", results=RESULTS)
+    start = datetime(2026, 11, 25, 12, 0)
+    run_pass(config, due_only=True, now=lambda: start)
+    asked = [run_pass(config, due_only=True, now=lambda h=h: start + timedelta(hours=h)).rechecked
+             for h in (2, 6, 12, 30, 60, 90)]
+    assert sum(asked[:4]) >= 2  # asked again within the two days
+    assert asked[4:] == [0, 0]  # never after them
+    assert db.scalar("SELECT NEXT_POLL_AT FROM labsync_orders") is None
+
+
+def test_recheck_days_zero_turns_rechecks_off(db, fake_lis, tmp_path):
+    config = make_config(db, fake_lis, tmp_path / "pdfs", sync={"recheck_days": 0})
+    add_user(db, 7)
+    add_order(db, "Z-1", 7)
+    fake_lis.add_order("Z-1", results=RESULTS)
+    run_pass(config)
+    assert run_pass(config).checked == 0
+    assert fake_lis.request_count("results", "Z-1") == 1

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, insert, or_, select, true, update
 
 from labsync.store.tables import labsync_orders, labsync_passes, local_lab_orders, local_lab_results
 
@@ -20,13 +20,19 @@ RESULT_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class PendingOrder:
-    """A row of ``local_lab_orders`` that still waits for the LIS."""
+    """A row of ``local_lab_orders`` that labsync asks the LIS about.
+
+    Either still pending, or (``recheck``) completed recently and asked again for
+    corrections; then ``results_hash`` is the fingerprint of what the site shows now.
+    """
 
     id: int
     external_id: str
     user_id: int
     status: str | None
     order_date: date | None
+    recheck: bool = False
+    results_hash: str | None = None
 
 
 def _order_from_row(row: Any) -> PendingOrder:
@@ -35,25 +41,35 @@ def _order_from_row(row: Any) -> PendingOrder:
 
 
 def pending_page(
-    conn: Connection, *, after_id: int, limit: int, now_utc: datetime, due_only: bool = True
+    conn: Connection, *, after_id: int, limit: int, now_utc: datetime, due_only: bool = True,
+    recheck_since: datetime | None = None,
 ) -> list[PendingOrder]:
-    """The next ``limit`` pending orders with ID above ``after_id`` (keyset paging).
+    """The next ``limit`` orders to ask about, with ID above ``after_id`` (keyset paging).
 
-    ``due_only`` skips orders whose next poll time is still ahead. Orders another instance
-    holds a live claim on are skipped always.
+    Pending orders, and with ``recheck_since`` completed orders completed since then that
+    still have a recheck scheduled. ``due_only`` skips orders whose next poll time is still
+    ahead. Orders another instance holds a live claim on are skipped always.
     """
     o, s = local_lab_orders, labsync_orders
+    due = or_(s.c.NEXT_POLL_AT.is_(None), s.c.NEXT_POLL_AT <= now_utc) if due_only else true()
+    wanted = and_(or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None)), due)
+    if recheck_since is not None:
+        recheck_due = s.c.NEXT_POLL_AT <= now_utc if due_only else true()
+        wanted = or_(wanted, and_(o.c.STATUS == "completed", s.c.COMPLETED_AT >= recheck_since,
+                                  s.c.NEXT_POLL_AT.is_not(None), recheck_due))
     query = (
-        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE)
+        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
+               s.c.RESULTS_HASH)
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
-        .where(o.c.ID > after_id, or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None)),
+        .where(o.c.ID > after_id, wanted,
                or_(s.c.LEASE_OWNER.is_(None), s.c.LEASE_UNTIL < now_utc))
         .order_by(o.c.ID)
         .limit(limit)
     )
-    if due_only:
-        query = query.where(or_(s.c.NEXT_POLL_AT.is_(None), s.c.NEXT_POLL_AT <= now_utc))
-    return [_order_from_row(r) for r in conn.execute(query)]
+    return [PendingOrder(id=r.ID, external_id=r.EXTERNAL_ORDER_ID, user_id=r.USER_ID,
+                         status=r.STATUS, order_date=r.ORDER_DATE,
+                         recheck=r.STATUS == "completed", results_hash=r.RESULTS_HASH)
+            for r in conn.execute(query)]
 
 
 def lock_order(conn: Connection, order_id: int) -> tuple[PendingOrder | None, Any]:
