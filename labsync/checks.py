@@ -21,6 +21,7 @@ def run_checks(config: Config) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     notes: list[str] = [f"config {config.source} is valid"]
     _check_database(config, problems, notes)
+    _check_mail_templates(config, problems, notes)
     _check_lis(config, problems, notes)
     _check_pdf_dir(config, problems, notes)
     return problems, notes
@@ -50,6 +51,39 @@ def _check_database(config: Config, problems: list[str], notes: list[str]) -> No
     if charset in ("utf8", "utf8mb3"):
         notes.append("local_lab_results is utf8 (3-byte): emoji in results will be stored as "
                      "U+FFFD; converting the table to utf8mb4 keeps them")
+
+
+_TEMPLATES = text(
+    "SELECT COUNT(*) FROM b_event_message m WHERE m.EVENT_NAME = :event AND m.ACTIVE = 'Y' "
+    "AND (m.LID = :site OR EXISTS (SELECT 1 FROM b_event_message_site s "
+    "WHERE s.EVENT_MESSAGE_ID = m.ID AND s.SITE_ID = :site))"
+)
+
+
+def _check_mail_templates(config: Config, problems: list[str], notes: list[str]) -> None:
+    """The site sends a queued b_event only if an active template exists for it and the site."""
+    if config.notify.backend != "bitrix":
+        return
+    engine = make_engine(config.database)
+    try:
+        with engine.connect() as conn:
+            for key in ("event_name", "updated_event_name"):
+                event = getattr(config.notify, key)
+                count = conn.execute(_TEMPLATES, {"event": event,
+                                                  "site": config.notify.site_id}).scalar()
+                if count:
+                    notes.append(f"mail template for {event} on site "
+                                 f"{config.notify.site_id} is active")
+                else:
+                    problems.append(
+                        f"notify.{key}: no active mail template for {event} on site "
+                        f"{config.notify.site_id}: the site will not send these mails "
+                        "(docs/bitrix-setup.md)")
+    except SQLAlchemyError:
+        notes.append("mail templates not checked: b_event_message is not readable "
+                     "(grant SELECT on b_event_message and b_event_message_site to check)")
+    finally:
+        engine.dispose()
 
 
 def _check_lis(config: Config, problems: list[str], notes: list[str]) -> None:
