@@ -82,6 +82,7 @@ class LisConfig:
     retry_attempts: int = 4  # tries per request, the first included
     retry_max_seconds: float = 60.0  # total time budget for one request's retries
     ca_file: Path | None = None  # extra CA bundle for a self-signed LIS; TLS is always verified
+    download_timeout: float = 300.0  # a whole PDF download, however slowly the bytes come
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class _Reader:
         "lis": {
             "adapter", "base_url", "api_key", "api_key_file", "connect_timeout",
             "read_timeout", "max_concurrency", "max_rps", "retry_attempts",
-            "retry_max_seconds", "ca_file", "drop_dir",
+            "retry_max_seconds", "ca_file", "download_timeout",
         },
         "pdf": {"dir", "max_bytes"},
         "notify": {
@@ -379,6 +380,7 @@ class _Reader:
             retry_max_seconds=self.positive("lis", "retry_max_seconds", float, 60.0,
                                             allow_zero=True),
             ca_file=Path(ca_file) if ca_file else None,
+            download_timeout=self.positive("lis", "download_timeout", float, 300.0),
         )
 
     def _pdf(self) -> PdfConfig | None:

@@ -976,3 +976,22 @@ def test_close_closes_the_session_of_every_thread(fake_time, requests_mock, monk
     client.close()
 
     assert len(set(map(id, closed))) == 3
+
+
+def test_a_pdf_dripping_in_past_the_download_timeout_is_given_up(fake_time, requests_mock) -> None:
+    """read_timeout bounds each read; the download as a whole has its own deadline."""
+    pdf = sample_pdf("A1", size=300_000)  # five 64 KiB chunks
+
+    class Dripping(FakeTime):
+        def clock(self) -> float:  # every look at the clock: another 100 s have gone by
+            self.now += 100
+            return self.now
+
+    slow = Dripping()
+    lis = QlabClient(LisConfig(adapter="qlab", base_url=BASE, api_key=Secret(KEY),
+                               download_timeout=250, retry_attempts=1),
+                     sleep=slow.sleep, clock=slow.clock)
+    requests_mock.get(PDF_URL, content=pdf, headers={"Content-Type": "application/pdf"})
+    with pytest.raises(TransientLisError, match="longer than 250 s"):
+        lis.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
+    lis.close()

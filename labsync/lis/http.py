@@ -347,9 +347,15 @@ class HttpTransport:
         def attempt() -> int:
             sink.seek(0)
             sink.truncate()
+            # read_timeout bounds each read; a server dripping bytes could still hold a
+            # worker for ever, so the whole download has a deadline of its own.
+            deadline = self._clock() + self._config.download_timeout
             with self._send("GET", path, what=what, not_found=not_found, accept=accept) as resp:
                 head, tail, total = b"", b"", 0
                 for chunk in _body(resp, what, max_bytes):
+                    if self._clock() > deadline:
+                        raise TransientLisError(f"{what}: the download took longer than "
+                                                f"{self._config.download_timeout:g} s")
                     total += len(chunk)
                     if len(head) < EDGE_BYTES:
                         head += chunk[: EDGE_BYTES - len(head)]
