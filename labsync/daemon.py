@@ -34,10 +34,11 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from labsync import sdnotify
 from labsync.app import App
-from labsync.errors import Interrupted
+from labsync.errors import Interrupted, StoreError
 from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
 from labsync.store.tx import run_tx
 
@@ -96,6 +97,9 @@ class Daemon:
             try:
                 if not self.stop.is_set():
                     work()
+            except (StoreError, SQLAlchemyError) as exc:
+                # The database is away (restart, network): expected now and then, no traceback.
+                log.error("job.database_unavailable", error=str(exc)[:500])
             except Exception:  # the schedule goes on; the next run may well succeed
                 log.exception("job.failed")
             finally:
