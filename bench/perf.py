@@ -183,6 +183,18 @@ def scratch_database(admin_url: URL) -> Iterator[Engine]:
         admin.dispose()
 
 
+STATEMENT_COUNTERS = ("Com_insert", "Com_update", "Com_delete", "Com_select", "Com_commit",
+                      "Questions")
+
+
+def statement_counters(engine: Engine) -> dict[str, int]:
+    """The server's statement counters (all sessions: another tenant's queries count too)."""
+    names = ", ".join(f"'{n}'" for n in STATEMENT_COUNTERS)
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})"))
+        return {name.lower(): int(value) for name, value in rows}
+
+
 def server_uptime(engine: Engine) -> int:
     """Seconds since the MariaDB server started: a drop between two readings is a restart."""
     with engine.connect() as conn:
@@ -316,7 +328,7 @@ class Bench:
     def _undisturbed(self, who: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """``measure()``, repeated when the MariaDB server restarted during it (not labsync's
         doing: on a shared machine another test suite may restart the server)."""
-        for attempt in range(1, 4):
+        for attempt in range(1, 6):
             try:
                 started = time.monotonic()
                 up_before = server_uptime(self.engine)
@@ -331,10 +343,11 @@ class Bench:
         raise RuntimeError("the MariaDB server kept restarting: no clean measurement")
 
     def _wait_for_server(self) -> None:
+        """Until the server has been up for 20 s: restart tests come in bursts."""
         for _ in range(60):
             with contextlib.suppress(OperationalError):
-                server_uptime(self.engine)
-                return
+                if server_uptime(self.engine) >= 20:
+                    return
             time.sleep(2)
 
     def run_once(self, who: str, *, orders: int, latency: float, completed_ratio: float,
@@ -345,6 +358,7 @@ class Bench:
             + (f", concurrency {concurrency}" if who != "baseline" else ""))
         lis = self.fake(orders, latency, completed_ratio)
         db_cpu, machine_cpu = mariadb_cpu(), busy_cpu()
+        counters = statement_counters(self.engine)
         output = self.workdir / f"{who}-{latency}.log"
         try:
             if who == "baseline":
@@ -359,6 +373,8 @@ class Bench:
         finally:
             stats = lis.stop()
         busy = busy_cpu() - machine_cpu
+        after_counters = statement_counters(self.engine)
+        measured["db_statements"] = {k: after_counters[k] - v for k, v in counters.items()}
         measured["machine_busy_cpu_s"] = round(busy, 3)
         if db_cpu is not None and (after := mariadb_cpu()) is not None:
             measured["mariadb_cpu_s"] = round(after - db_cpu, 3)

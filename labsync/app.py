@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from labsync.config import Config
+from labsync.discovery.job import DiscoveryJob
 from labsync.instance import InstanceLock
 from labsync.lis.base import LisClient
 from labsync.lis.registry import make_client
@@ -29,6 +30,7 @@ class App:
     fitter: TextFitter
     sync: SyncEngine
     metrics: Metrics
+    discovery: DiscoveryJob
 
 
 @contextmanager
@@ -55,7 +57,10 @@ def open_app(config: Config, *, lis: LisClient | None = None,
             client = make_client(config.lis, **options)
         metrics = Metrics(config.metrics)
         sync = SyncEngine(config, engine, client, fitter, metrics=metrics)
-        yield App(config, engine, client, fitter, sync, metrics)
+        discovery = DiscoveryJob(config.discovery, engine, client, fitter,
+                                 zone=config.site.timezone, site_id=config.notify.site_id,
+                                 now=sync.now)
+        yield App(config, engine, client, fitter, sync, metrics, discovery)
     finally:
         if metrics is not None:
             metrics.close()

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     order = sub.add_parser("order", help="one order's history, for support")
     order.add_argument("external_id", metavar="EXTERNAL_ORDER_ID")
     order.add_argument("--json", action="store_true")
+    review = sub.add_parser("review", help="orders found by phone that need a human to match")
+    review.add_argument("--json", action="store_true")
+    review.add_argument("--dismiss", metavar="EXTERNAL_ORDER_ID",
+                        help="close a case that belongs to no site user")
     demo = sub.add_parser("demo", help="the whole pipeline on SQLite with a built-in fake LIS")
     demo.add_argument("--dir", default="labsync-demo",
                       help="folder for the demo's database and PDFs (default: ./labsync-demo)")
@@ -58,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     logs.setup(config.log.level, config.log.format, config.secrets(),
-               stream=sys.stderr if args.command in ("status", "order", "check") else None)
+               stream=sys.stderr if args.command in ("status", "order", "check", "review")
+               else None)
     commands: dict[str, Callable[[], int]] = {
         "init-db": lambda: _init_db(config),
         "sync-once": lambda: _sync_once(config, due_only=not args.all),
@@ -66,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": lambda: _check(config),
         "status": lambda: _status(config, as_json=args.json),
         "order": lambda: _order(config, args.external_id, as_json=args.json),
+        "review": lambda: _review(config, as_json=args.json, dismiss=args.dismiss),
     }
     return _guard(commands[args.command], database=config.database.url)
 
@@ -113,8 +119,23 @@ def _sync_once(config: Config, *, due_only: bool) -> int:
     from labsync.app import open_app
 
     with open_app(config) as app:
+        if config.discovery.enabled:
+            app.discovery.run()  # first, so an order found by phone is synced right away
         summary = app.sync.run_pass(due_only=due_only)
         app.metrics.pass_finished(summary)
+    return EXIT_OK
+
+
+def _review(config: Config, *, as_json: bool, dismiss: str | None) -> int:
+    from labsync.discovery.review import collect_review, dismiss_review, render_review
+    from labsync.status import with_engine
+
+    if dismiss is not None:
+        closed = with_engine(config, lambda engine: dismiss_review(engine, dismiss))
+        print(f"case {dismiss} dismissed" if closed else f"no open case for {dismiss}")
+        return EXIT_OK if closed else EXIT_PROBLEMS
+    rows = with_engine(config, collect_review)
+    print(json.dumps(rows, ensure_ascii=False) if as_json else render_review(rows))
     return EXIT_OK
 
 

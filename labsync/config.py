@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import URL, make_url
 
+from labsync.discovery.config import DiscoveryConfig, discovery_config_from
 from labsync.errors import ConfigError
 from labsync.metrics import MetricsConfig, metrics_config_from
 
@@ -129,6 +130,7 @@ class Config:
     sync: SyncConfig
     log: LogConfig
     metrics: MetricsConfig | None = None
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     source: str = "<memory>"
 
     def secrets(self) -> list[str]:
@@ -197,7 +199,6 @@ class _Reader:
         "sync": {"interval", "page_size", "stale_after", "recheck_days", "lease",
                  "stop_timeout"},
         "log": {"level", "format"},
-        "discovery": {"enabled", "default_region", "match"},
         "smtp": {"host", "port", "from", "starttls", "ssl", "username", "password_file"},
     }
 
@@ -303,8 +304,8 @@ class _Reader:
 
     def build(self, source: str) -> Config | None:
         for section, value in self.raw.items():
-            if section == "metrics":
-                continue  # metrics_config_from checks its own keys
+            if section in ("metrics", "discovery"):
+                continue  # their own readers check their keys
             if section not in self._KNOWN:
                 self.problems.append(f"{section}: unknown section")
             elif isinstance(value, Mapping):
@@ -317,6 +318,8 @@ class _Reader:
         }
         built = {name: make() for name, make in parts.items()}
         built["metrics"], problems = metrics_config_from(self.raw.get("metrics", {}))
+        self.problems.extend(problems)
+        built["discovery"], problems = discovery_config_from(self.raw.get("discovery", {}))
         self.problems.extend(problems)
         if self.problems:
             return None

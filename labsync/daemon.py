@@ -4,6 +4,8 @@ APScheduler 3 (BlockingScheduler, in-memory job store, jobs added at start-up) r
 
 - ``sync``: a pass every ``sync.interval``, the first one at start;
 - ``housekeeping``: hourly; old pass records pruned, gauges refreshed;
+- ``discovery`` (when ``[discovery] enabled``): orders placed at collection points, found
+  by the patients' phones (``labsync.discovery``);
 - ``watchdog``: when systemd armed one, ``WATCHDOG=1`` every half ``WatchdogSec`` while the
   sync job makes progress (a pass that stopped moving stops the pings; systemd restarts).
 
@@ -66,7 +68,7 @@ class Daemon:
         self.interval = app.config.sync.interval
         self.scheduler = scheduler_class(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(4)},
+            executors={"default": ThreadPoolExecutor(5)},  # one per job: none waits for another
             job_defaults=job_defaults(self.interval),
         )
         self._active = 0
@@ -82,6 +84,11 @@ class Daemon:
         self.scheduler.add_job(self._job("housekeeping", self.housekeeping_job), IntervalTrigger(
             seconds=HOUSEKEEPING_EVERY.total_seconds(), timezone=UTC), id="housekeeping",
             name="housekeeping", next_run_time=now + timedelta(minutes=1))
+        if self.app.config.discovery.enabled:
+            self.scheduler.add_job(
+                self._job("discovery", lambda: self.app.discovery.run(stop=self.stop)),
+                IntervalTrigger(seconds=self.app.config.discovery.interval, timezone=UTC),
+                id="discovery", name="discovery", next_run_time=now + timedelta(minutes=1))
         watchdog = sdnotify.watchdog_seconds(self.env)
         if watchdog:
             self.scheduler.add_job(self._job("watchdog", lambda: self.watchdog_job(watchdog)),

@@ -21,7 +21,8 @@ def _utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _with_engine(config: Config, work: Any) -> Any:
+def with_engine(config: Config, work: Any) -> Any:
+    """``work(engine)`` on a short-lived engine; a database error becomes ``StoreError``."""
     engine = make_engine(config.database)
     try:
         return work(engine)
@@ -33,7 +34,7 @@ def _with_engine(config: Config, work: Any) -> Any:
 
 def collect_status(config: Config) -> dict[str, Any]:
     """Pending orders by status and age, failures in the last 24 h, the last pass, the mail."""
-    return _with_engine(config, lambda engine: _status(config, engine))
+    return with_engine(config, lambda engine: _status(config, engine))
 
 
 def _status(config: Config, engine: Engine) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def collect_order(config: Config, external_id: str) -> dict[str, Any] | None:
             "results": [dict(r._mapping) for r in results],
         }
 
-    return _with_engine(config, work)  # type: ignore[no-any-return]
+    return with_engine(config, work)  # type: ignore[no-any-return]
 
 
 def render_order(report: dict[str, Any]) -> str:

@@ -533,3 +533,30 @@ def test_demo_shows_the_patient_view_and_runs_again_in_the_same_folder(tmp_path)
         assert "Traceback" not in proc.stderr
     assert (folder / "labsync-demo.db").is_file()
     assert not (tmp_path / "labsync-demo").exists()
+
+
+# -- review -----------------------------------------------------------------------------------
+
+
+def test_review_lists_open_cases_and_dismiss_closes_one(db, cfg_path, capsys):
+    from datetime import datetime
+
+    from sqlalchemy import insert
+
+    from labsync.store.tables import labsync_review
+
+    with db.engine.begin() as conn:
+        conn.execute(insert(labsync_review).values(
+            EXTERNAL_ORDER_ID="CP-1", PHONE="+79161234567", REASON="ambiguous",
+            CANDIDATES="7,8", DETAIL="two users share the phone",
+            FIRST_SEEN_AT=datetime(2026, 11, 25), LAST_SEEN_AT=datetime(2026, 11, 25)))
+
+    status, out, _ = main(capsys, "--config", str(cfg_path), "review", "--json")
+    assert status == 0
+    [case] = json.loads(out)
+    assert (case["order"], case["reason"]) == ("CP-1", "ambiguous")
+    status, out, _ = main(capsys, "--config", str(cfg_path), "review")
+    assert status == 0 and "CP-1" in out
+    assert main(capsys, "--config", str(cfg_path), "review", "--dismiss", "CP-1")[0] == 0
+    assert json.loads(main(capsys, "--config", str(cfg_path), "review", "--json")[1]) == []
+    assert main(capsys, "--config", str(cfg_path), "review", "--dismiss", "CP-1")[0] == 1

@@ -82,7 +82,8 @@ def clock(monkeypatch):
 def daemon(clock):
     fake_pass = _Pass()
     app = SimpleNamespace(
-        config=SimpleNamespace(sync=SimpleNamespace(interval=INTERVAL, stop_timeout=5)),
+        config=SimpleNamespace(sync=SimpleNamespace(interval=INTERVAL, stop_timeout=5),
+                               discovery=SimpleNamespace(enabled=False)),
         sync=fake_pass, metrics=SimpleNamespace(enabled=False, pass_finished=lambda s: None),
     )
     d = Daemon(app, env={}, scheduler_class=BackgroundScheduler)  # type: ignore[arg-type]

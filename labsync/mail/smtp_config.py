@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from labsync.config import Secret
 from labsync.errors import ConfigError
+
+if TYPE_CHECKING:  # labsync.config imports this module: no import of it at load time
+    from labsync.config import Secret
 
 DEFAULT_TEMPLATES = "/etc/labsync/templates"
 KNOWN_KEYS = frozenset({
@@ -160,6 +162,8 @@ class _Reader:
         )
 
     def _password(self) -> Secret | None:
+        from labsync.config import Secret
+
         file_name = self.text("password_file")
         if file_name is None:
             return None

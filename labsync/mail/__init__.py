@@ -1,0 +1,110 @@
+"""``notify.backend = "smtp"``: labsync renders the patient's mail and sends it itself.
+
+``SmtpNotifier`` has the interface of ``labsync.notify.BitrixNotifier``: called in the
+order's transaction, it renders the templates (``templates.py``) and queues the mail in
+``labsync_outbox`` (``outbox.py``), so the mail commits with the results or not at all.
+The sender job (``sender.py``) then delivers it. See docs/smtp.md.
+
+This package imports nothing of ``labsync.config`` at import time (``labsync.notify`` and
+``labsync.store.bitrix`` are imported where used): ``labsync.config`` imports
+``labsync.mail.smtp_config`` to validate ``[smtp]``, and must not find itself half-loaded.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, tzinfo
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+
+from labsync.mail import outbox
+from labsync.mail.smtp_config import SmtpConfig, smtp_config_from
+from labsync.mail.templates import MailTemplates, RenderedMail
+
+if TYPE_CHECKING:
+    from labsync.config import NotifyConfig
+    from labsync.notify import MailDecision
+    from labsync.store.bitrix import SiteUser
+
+__all__ = [
+    "MailTemplates", "RenderedMail", "SmtpConfig", "SmtpNotifier", "smtp_config_from",
+]
+
+
+class SmtpNotifier:
+    """Queues notifications into labsync's own outbox, rendered from the templates."""
+
+    def __init__(self, notify: NotifyConfig, smtp: SmtpConfig, *, zone: tzinfo,
+                 templates: MailTemplates | None = None) -> None:
+        """``zone`` is ``site.timezone``: ``now_site`` is turned back into UTC with it.
+
+        The templates are checked here (``ConfigError`` on a problem), so a notifier that
+        exists can render every mail.
+        """
+        self.notify = notify
+        self.smtp = smtp
+        self.zone = zone
+        self.templates = templates or MailTemplates(smtp.templates)
+        self.templates.validate()
+        self._users: dict[int, SiteUser | None] = {}
+
+    def new_pass(self) -> None:
+        """Forget the users of the last pass: an address changed since is read afresh."""
+        self._users.clear()
+
+    def order_ready(
+        self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
+        now_site: datetime,
+    ) -> MailDecision:
+        """Queue the "results are ready" mail, unless the user cannot receive it."""
+        return self._queue(conn, "ready", 1, order_id=order_id, external_id=external_id,
+                           user_id=user_id, now_site=now_site)
+
+    def order_updated(
+        self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
+        version: int, now_site: datetime,
+    ) -> MailDecision:
+        """Queue the "results were corrected" mail for ``version`` (2, 3, …) of the results."""
+        return self._queue(conn, "updated", version, order_id=order_id,
+                           external_id=external_id, user_id=user_id, now_site=now_site)
+
+    def result_url(self, order_id: int) -> str:
+        """The absolute link to the order's results on the site."""
+        path = self.notify.result_url.format(order_id=order_id)
+        if path.startswith(("http://", "https://")):
+            return path
+        return f"{self.smtp.site_url}/{path.lstrip('/')}"
+
+    def _queue(self, conn: Connection, kind: str, version: int, *, order_id: int,
+               external_id: str, user_id: int, now_site: datetime) -> MailDecision:
+        from labsync.notify import MailDecision
+        from labsync.store import bitrix
+
+        if user_id not in self._users:
+            self._users[user_id] = bitrix.get_user(conn, user_id)
+        user = self._users[user_id]
+        if user is None:
+            return MailDecision("no_user")
+        if not user.active:
+            return MailDecision("inactive")
+        if not user.email:
+            return MailDecision("no_email")
+        context: dict[str, Any] = {
+            "NAME": user.name or "", "LAST_NAME": user.last_name or "", "EMAIL": user.email,
+            "ORDER_ID": external_id, "LOCAL_ORDER_ID": str(order_id),
+            "RESULT_URL": self.result_url(order_id), "SITE_URL": self.smtp.site_url,
+            "VERSION": version,
+        }
+        rendered = self.templates.render(kind, context)
+        row_id = outbox.queue(
+            conn, order_id=order_id, external_id=external_id, kind=kind, version=version,
+            recipient=user.email, rendered=rendered,
+            message_id_domain=self.smtp.message_id_domain, now=self._utc(now_site),
+        )
+        if row_id is None:  # queued by an earlier transaction: the same mail, not a second
+            return MailDecision("already_queued",
+                                outbox.find(conn, order_id=order_id, kind=kind, version=version))
+        return MailDecision("queued", row_id)
+
+    def _utc(self, now_site: datetime) -> datetime:
+        return now_site.replace(tzinfo=self.zone).astimezone(UTC).replace(tzinfo=None)

@@ -1,0 +1,151 @@
+"""SIGKILL at random moments of real `labsync` processes, then clean passes.
+
+A `sync-once --all` or `run` process works through a few hundred orders on MariaDB against
+a slow fake LIS and is killed with SIGKILL at a moment drawn from a seeded random sequence:
+during start-up, after a random number of completed orders (mid-page, often mid-transaction),
+while a PDF is downloading (a temporary file exists), or at a random time. After every kill,
+``check_invariants``: each order is either not completed (no result row, no mail, at most a
+complete PDF at its final path) or completed with all its rows, its whole PDF and exactly one
+mail event. Then clean passes finish the work and nothing is left over or duplicated.
+
+``test_daemon_process.py`` covers SIGTERM (a clean stop) and ``test_instances.py`` two
+processes at once; this covers the unclean end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from labsync.testing.fake_qlab import FakeQlab, Fault
+from labsync.testing.pdfs import sample_pdf
+from tests.conftest import API_KEY
+from tests.helpers import RESULTS
+from tests.invariants import check_invariants, temp_files
+from tests.processes import labsync, write_config
+from tests.reliability.conftest import mail_counts, record, scaled
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
+
+SEED = 20261125
+MOMENTS = ("start-up", "after completions", "during a PDF download", "random time")
+
+
+def _completed(db) -> int:
+    return db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'")
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _kill_at(moment: str, rng: random.Random, proc, log: Path, pdf_dir: Path) -> str:
+    """Wait for the drawn moment, then SIGKILL; return what the moment turned out to be."""
+    if moment == "start-up":
+        time.sleep(rng.uniform(0.05, 0.6))
+    elif moment == "after completions":
+        wanted = rng.randint(1, 12)
+        if not _wait_for(lambda: _count(log, '"order.completed"') >= wanted, 20):
+            moment += " (timed out)"
+        time.sleep(rng.uniform(0, 0.05))
+    elif moment == "during a PDF download":
+        if not _wait_for(lambda: bool(temp_files(pdf_dir)), 20):
+            moment += " (timed out)"
+    else:
+        time.sleep(rng.uniform(0.3, 4.0))
+    proc.kill()
+    proc.wait(timeout=30)
+    return moment
+
+
+def _count(log: Path, text: str) -> int:
+    try:
+        return log.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path):
+    kills = scaled(10, 32)
+    count = scaled(120, 300)
+    rng = random.Random(SEED)
+    names = [f"C-{i:04d}" for i in range(count)]
+    # Every fifth PDF is large and slow to come, so downloads are often in progress.
+    pdfs = {n: sample_pdf(f"Lab results {n}", size=300_000 if i % 5 == 0 else None)
+            for i, n in enumerate(names)}
+    pdf_dir = tmp_path / "pdfs"
+    with site.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO local_lab_orders (USER_ID, EXTERNAL_ORDER_ID, STATUS) VALUES "
+            + ", ".join(f"(7, '{n}', 'received')" for n in names))
+    expected = {"expected_results": {n: 3 for n in names}, "expected_pdfs": pdfs}
+    log_lines: list[dict] = []
+    with FakeQlab(api_key=API_KEY, latency=0.15) as lis:
+        for i, name in enumerate(names):
+            lis.add_order(name, results=RESULTS, pdf=pdfs[name])
+            if i % 5 == 0:
+                lis.inject(name, "pdf", Fault(delay=0.6), times=None)
+        config = write_config(tmp_path / "c.toml", db_url=site.url, lis_url=lis.base_url,
+                              api_key=API_KEY, pdf_dir=pdf_dir, lis={"max_concurrency": 3},
+                              sync={"page_size": 10, "lease": "1s", "interval": "1s"})
+        for k in range(kills):
+            args = ("run",) if k % 3 == 2 else ("sync-once", "--all")
+            log = tmp_path / f"kill-{k:02d}.log"
+            moment = rng.choice(MOMENTS)
+            before = _completed(site)
+            proc = labsync(config, *args, log=log)
+            moment = _kill_at(moment, rng, proc, log, pdf_dir)
+            left = temp_files(pdf_dir)
+            counts = check_invariants(site, pdf_dir, **expected)
+            published_early = sum(
+                1 for n in names
+                if (pdf_dir / "7" / f"{n}.pdf").exists()) - counts["completed"]
+            log_lines.append({"kill": k, "command": " ".join(args), "moment": moment,
+                              "pass_started": _count(log, '"pass.started"') > 0,
+                              "completed_by_it": counts["completed"] - before,
+                              "temp_files": len(left), "pdf_before_commit": published_early,
+                              "completed_total": counts["completed"]})
+            time.sleep(1.1)  # the dead process's leases run out (sync.lease = 1s)
+        assert _completed(site) < count, "every order was done before the kills ended"
+
+        # Temporary files left by kills are swept once they are an hour old (another
+        # instance may be writing a fresh one). Age them so the clean pass may sweep them.
+        leftovers = temp_files(pdf_dir)
+        old = time.time() - 2 * 3600
+        for temp in leftovers:
+            os.utime(temp, (old, old))
+        lis.latency = 0.005
+        lis.clear_faults()
+        passes = 0
+        while _completed(site) < count and passes < 3:
+            proc = labsync(config, "sync-once", "--all", log=tmp_path / f"clean-{passes}.log")
+            assert proc.wait(timeout=300) == 0
+            passes += 1
+
+    counts = check_invariants(site, pdf_dir, **expected)
+    assert counts == {"completed": count, "not_completed": 0}
+    assert temp_files(pdf_dir) == []
+    assert site.scalar("SELECT COUNT(*) FROM b_event") == count
+    assert set(mail_counts(site).values()) == {1}
+    assert site.scalar("SELECT COUNT(*) FROM local_lab_results") == 3 * count
+    files = sorted(p.name for p in pdf_dir.rglob("*") if p.is_file())
+    assert files == sorted(f"{n}.pdf" for n in names)
+    assert site.scalar("SELECT COUNT(*) FROM labsync_orders") == count
+    moments = {m: sum(1 for e in log_lines if e["moment"].startswith(m)) for m in MOMENTS}
+    record("SIGKILL at random moments", injected=f"SIGKILL of sync-once --all / run, "
+           f"{count} orders", times=kills, outcome=f"invariants held after every kill; "
+           f"{passes} clean pass(es) completed all", lost=0, duplicated=0, moments=moments,
+           kills_mid_pass=sum(1 for e in log_lines if e["pass_started"]),
+           kills_with_temp_files=sum(1 for e in log_lines if e["temp_files"]),
+           kills_with_pdf_before_commit=sum(1 for e in log_lines if e["pdf_before_commit"]),
+           temp_files_aged_and_swept=len(leftovers),
+           completed_during_kills=log_lines[-1]["completed_total"], detail=log_lines)
