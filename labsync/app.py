@@ -17,6 +17,7 @@ from labsync.discovery.job import DiscoveryJob
 from labsync.instance import InstanceLock
 from labsync.lis.base import LisClient
 from labsync.lis.registry import make_client
+from labsync.mail.sender import SmtpSender
 from labsync.metrics import Metrics
 from labsync.store.db import TextFitter, detect_text_fitter, make_engine, verify_tables
 from labsync.sync import SyncEngine
@@ -31,6 +32,7 @@ class App:
     sync: SyncEngine
     metrics: Metrics
     discovery: DiscoveryJob
+    mail: SmtpSender | None = None  # notify.backend = "smtp": sends labsync's own outbox
 
 
 @contextmanager
@@ -60,7 +62,9 @@ def open_app(config: Config, *, lis: LisClient | None = None,
         discovery = DiscoveryJob(config.discovery, engine, client, fitter,
                                  zone=config.site.timezone, site_id=config.notify.site_id,
                                  now=sync.now)
-        yield App(config, engine, client, fitter, sync, metrics, discovery)
+        mail = (SmtpSender(config.smtp, engine, now=sync.now)
+                if config.notify.backend == "smtp" and config.smtp is not None else None)
+        yield App(config, engine, client, fitter, sync, metrics, discovery, mail)
     finally:
         if metrics is not None:
             metrics.close()

@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 
 from labsync.config import Config
 from labsync.errors import LabsyncError
+from labsync.mail import SmtpNotifier
 from labsync.model import LisOrder, OrderStatus
 from labsync.notify import BitrixNotifier
 from labsync.pdfs import PdfStore, StagedPdf
@@ -45,7 +46,11 @@ class OrderApplier:
         self.fitter = fitter
         self.pdfs = pdfs
         self.owner = owner
-        self.notifier = BitrixNotifier(config.notify, fitter)
+        self.notifier: BitrixNotifier | SmtpNotifier
+        if config.notify.backend == "smtp" and config.smtp is not None:
+            self.notifier = SmtpNotifier(config.notify, config.smtp, zone=config.site.timezone)
+        else:
+            self.notifier = BitrixNotifier(config.notify, fitter)
         self.interval = timedelta(seconds=config.sync.interval)
         self.stale_after = timedelta(seconds=config.sync.stale_after)
         self.recheck_window = timedelta(days=config.sync.recheck_days)

@@ -23,6 +23,7 @@ def run_checks(config: Config) -> tuple[list[str], list[str]]:
     _check_database(config, problems, notes)
     _check_mail_templates(config, problems, notes)
     _check_lis(config, problems, notes)
+    _check_smtp(config, problems, notes)
     _check_pdf_dir(config, problems, notes)
     return problems, notes
 
@@ -97,6 +98,22 @@ def _check_lis(config: Config, problems: list[str], notes: list[str]) -> None:
         problems.append(f"lis.base_url: cannot use the LIS: {exc}")
     finally:
         client.close()
+
+
+def _check_smtp(config: Config, problems: list[str], notes: list[str]) -> None:
+    if config.notify.backend != "smtp" or config.smtp is None:
+        return
+    from labsync.mail.sender import SmtpSender
+
+    engine = make_engine(config.database)
+    try:
+        problem = SmtpSender(config.smtp, engine).check()
+    finally:
+        engine.dispose()
+    if problem:
+        problems.append(problem)
+    else:
+        notes.append(f"SMTP server {config.smtp.host}:{config.smtp.port} accepted the login")
 
 
 def _check_pdf_dir(config: Config, problems: list[str], notes: list[str]) -> None:

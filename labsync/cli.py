@@ -123,6 +123,8 @@ def _sync_once(config: Config, *, due_only: bool) -> int:
             app.discovery.run()  # first, so an order found by phone is synced right away
         summary = app.sync.run_pass(due_only=due_only)
         app.metrics.pass_finished(summary)
+        if app.mail is not None:
+            app.mail.send_due(limit=10_000)
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 
 from labsync.discovery.config import DiscoveryConfig, discovery_config_from
 from labsync.errors import ConfigError
+from labsync.mail.smtp_config import SmtpConfig, smtp_config_from
 from labsync.metrics import MetricsConfig, metrics_config_from
 
 DEFAULT_PATH = "/etc/labsync/labsync.toml"
@@ -131,6 +132,7 @@ class Config:
     log: LogConfig
     metrics: MetricsConfig | None = None
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    smtp: SmtpConfig | None = None  # with notify.backend = "smtp"
     source: str = "<memory>"
 
     def secrets(self) -> list[str]:
@@ -138,6 +140,8 @@ class Config:
         found = [self.lis.api_key.reveal()]
         if self.database.url.password:
             found.append(str(self.database.url.password))
+        if self.smtp is not None and self.smtp.password:
+            found.append(self.smtp.password.reveal())
         return [s for s in found if s]
 
 
@@ -199,7 +203,6 @@ class _Reader:
         "sync": {"interval", "page_size", "stale_after", "recheck_days", "lease",
                  "stop_timeout"},
         "log": {"level", "format"},
-        "smtp": {"host", "port", "from", "starttls", "ssl", "username", "password_file"},
     }
 
     def __init__(self, raw: Mapping[str, Any], env: Mapping[str, str]) -> None:
@@ -304,7 +307,7 @@ class _Reader:
 
     def build(self, source: str) -> Config | None:
         for section, value in self.raw.items():
-            if section in ("metrics", "discovery"):
+            if section in ("metrics", "discovery", "smtp"):
                 continue  # their own readers check their keys
             if section not in self._KNOWN:
                 self.problems.append(f"{section}: unknown section")
@@ -320,6 +323,11 @@ class _Reader:
         built["metrics"], problems = metrics_config_from(self.raw.get("metrics", {}))
         self.problems.extend(problems)
         built["discovery"], problems = discovery_config_from(self.raw.get("discovery", {}))
+        self.problems.extend(problems)
+        notify = built.get("notify")
+        built["smtp"], problems = smtp_config_from(
+            self.raw.get("smtp", {}), self.env,
+            required=notify is not None and notify.backend == "smtp")
         self.problems.extend(problems)
         if self.problems:
             return None
@@ -396,8 +404,8 @@ class _Reader:
 
     def _notify(self) -> NotifyConfig:
         backend = self.get("notify", "backend", str, "bitrix")
-        self.check("notify.backend", backend == "bitrix", f"unknown backend {backend!r} "
-                   "(known: bitrix)")
+        self.check("notify.backend", backend in ("bitrix", "smtp"),
+                   f"unknown backend {backend!r} (known: bitrix, smtp)")
         duplicate = self.get("notify", "duplicate", str, "N")
         self.check("notify.duplicate", duplicate in ("Y", "N"), "must be 'Y' or 'N'")
         site_id = self.get("notify", "site_id", str, "s1")

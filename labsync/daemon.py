@@ -4,6 +4,7 @@ APScheduler 3 (BlockingScheduler, in-memory job store, jobs added at start-up) r
 
 - ``sync``: a pass every ``sync.interval``, the first one at start;
 - ``housekeeping``: hourly; old pass records pruned, gauges refreshed;
+- ``mail`` (when ``notify.backend = "smtp"``): every minute, labsync's outbox is sent;
 - ``discovery`` (when ``[discovery] enabled``): orders placed at collection points, found
   by the patients' phones (``labsync.discovery``);
 - ``watchdog``: when systemd armed one, ``WATCHDOG=1`` every half ``WatchdogSec`` while the
@@ -41,12 +42,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from labsync import sdnotify
 from labsync.app import App
 from labsync.errors import Interrupted, StoreError
+from labsync.mail import outbox
 from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
 from labsync.store.tx import run_tx
 
 log = structlog.get_logger("labsync.daemon")
 
 HOUSEKEEPING_EVERY = timedelta(hours=1)
+MAIL_EVERY = timedelta(minutes=1)
 KEEP_PASSES = timedelta(days=90)
 FORCED_EXIT = 130
 
@@ -68,7 +71,7 @@ class Daemon:
         self.interval = app.config.sync.interval
         self.scheduler = scheduler_class(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(5)},  # one per job: none waits for another
+            executors={"default": ThreadPoolExecutor(6)},  # one per job: none waits for another
             job_defaults=job_defaults(self.interval),
         )
         self._active = 0
@@ -84,6 +87,12 @@ class Daemon:
         self.scheduler.add_job(self._job("housekeeping", self.housekeeping_job), IntervalTrigger(
             seconds=HOUSEKEEPING_EVERY.total_seconds(), timezone=UTC), id="housekeeping",
             name="housekeeping", next_run_time=now + timedelta(minutes=1))
+        if self.app.mail is not None:
+            mail = self.app.mail
+            self.scheduler.add_job(self._job("mail", lambda: mail.send_due(stop=self.stop)),
+                                   IntervalTrigger(seconds=MAIL_EVERY.total_seconds(),
+                                                   timezone=UTC),
+                                   id="mail", name="mail", next_run_time=now)
         if self.app.config.discovery.enabled:
             self.scheduler.add_job(
                 self._job("discovery", lambda: self.app.discovery.run(stop=self.stop)),
@@ -144,6 +153,8 @@ class Daemon:
             return
         counts = run_tx(self.app.engine, _order_counts)
         self.app.metrics.set_orders(counts["orders"])
+        if self.app.mail is not None:
+            counts["mail"] = run_tx(self.app.engine, outbox.counts)["pending"]
         self.app.metrics.set_mail_queue(counts["mail"])
 
     def _on_job_event(self, event: JobExecutionEvent) -> None:

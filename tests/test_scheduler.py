@@ -85,6 +85,7 @@ def daemon(clock):
         config=SimpleNamespace(sync=SimpleNamespace(interval=INTERVAL, stop_timeout=5),
                                discovery=SimpleNamespace(enabled=False)),
         sync=fake_pass, metrics=SimpleNamespace(enabled=False, pass_finished=lambda s: None),
+        mail=None,
     )
     d = Daemon(app, env={}, scheduler_class=BackgroundScheduler)  # type: ignore[arg-type]
     d.add_jobs(now=clock.now_value)
