@@ -89,14 +89,6 @@ def mail_counts(db: Db) -> dict[str, int]:
     return counts
 
 
-def rss_kib(pid: int | str = "self") -> int:
-    """Resident set size of a process in KiB, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 DB_PASSWORD = "Db-Pa55-rel1ab1l1ty-7c4e"
 
 

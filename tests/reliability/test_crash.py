@@ -32,7 +32,8 @@ from tests.reliability.conftest import mail_counts, record, scaled
 pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
 
 SEED = 20261125
-MOMENTS = ("start-up", "after completions", "during a PDF download", "random time")
+MOMENTS = ("start-up", "after completions", "during a PDF download", "inside a transaction",
+           "random time")
 
 
 def _completed(db) -> int:
@@ -48,9 +49,20 @@ def _wait_for(condition, timeout: float) -> bool:
     return False
 
 
-def _kill_at(moment: str, rng: random.Random, proc, log: Path, pdf_dir: Path) -> str:
+def _waiting_on_b_event(db) -> bool:
+    return db.scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                     "WHERE INFO LIKE 'INSERT INTO b_event %%' AND TIME_MS > 300") > 0
+
+
+def _kill_at(moment: str, rng: random.Random, proc, log: Path, pdf_dir: Path,
+             old_temps: set[Path], db) -> str:
     """Wait for the drawn moment, then SIGKILL; return what the moment turned out to be."""
-    if moment == "start-up":
+    if moment == "inside a transaction":
+        # The order's transaction has moved its PDF into place and written its result rows,
+        # and waits to queue the mail (see _hold_the_mail_queue): kill it there.
+        if not _wait_for(lambda: _waiting_on_b_event(db), 20):
+            moment += " (timed out)"
+    elif moment == "start-up":
         time.sleep(rng.uniform(0.05, 0.6))
     elif moment == "after completions":
         wanted = rng.randint(1, 12)
@@ -58,13 +70,21 @@ def _kill_at(moment: str, rng: random.Random, proc, log: Path, pdf_dir: Path) ->
             moment += " (timed out)"
         time.sleep(rng.uniform(0, 0.05))
     elif moment == "during a PDF download":
-        if not _wait_for(lambda: bool(temp_files(pdf_dir)), 20):
+        if not _wait_for(lambda: bool(set(temp_files(pdf_dir)) - old_temps), 20):
             moment += " (timed out)"
     else:
         time.sleep(rng.uniform(0.3, 4.0))
     proc.kill()
     proc.wait(timeout=30)
     return moment
+
+
+def _hold_the_mail_queue(db):
+    """A connection whose next-key locks on ``b_event`` make every INSERT into it wait."""
+    conn = db.engine.connect().execution_options(isolation_level="REPEATABLE READ")
+    conn.begin()
+    conn.exec_driver_sql("SELECT ID FROM b_event WHERE ID >= 0 FOR UPDATE")
+    return conn
 
 
 def _count(log: Path, text: str) -> int:
@@ -97,18 +117,29 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
         config = write_config(tmp_path / "c.toml", db_url=site.url, lis_url=lis.base_url,
                               api_key=API_KEY, pdf_dir=pdf_dir, lis={"max_concurrency": 3},
                               sync={"page_size": 10, "lease": "1s", "interval": "1s"})
+        # Every kind of moment in every round of five, in a random order.
+        seen_early: set[str] = set()  # orders whose PDF was moved into place, not committed
+        plan = [m for _ in range(0, kills, len(MOMENTS)) for m in rng.sample(MOMENTS, 5)]
         for k in range(kills):
             args = ("run",) if k % 3 == 2 else ("sync-once", "--all")
             log = tmp_path / f"kill-{k:02d}.log"
-            moment = rng.choice(MOMENTS)
+            moment = plan[k]
             before = _completed(site)
+            old_temps = set(temp_files(pdf_dir))
+            holder = _hold_the_mail_queue(site) if moment == "inside a transaction" else None
             proc = labsync(config, *args, log=log)
-            moment = _kill_at(moment, rng, proc, log, pdf_dir)
-            left = temp_files(pdf_dir)
+            try:
+                moment = _kill_at(moment, rng, proc, log, pdf_dir, old_temps, site)
+            finally:
+                if holder is not None:
+                    holder.rollback()
+                    holder.close()
+            left = set(temp_files(pdf_dir)) - old_temps
             counts = check_invariants(site, pdf_dir, **expected)
-            published_early = sum(
-                1 for n in names
-                if (pdf_dir / "7" / f"{n}.pdf").exists()) - counts["completed"]
+            done = {r.EXTERNAL_ORDER_ID for r in site.rows(
+                "SELECT EXTERNAL_ORDER_ID FROM local_lab_orders WHERE STATUS = 'completed'")}
+            early = {n for n in names if n not in done and (pdf_dir / "7" / f"{n}.pdf").exists()}
+            published_early, seen_early = len(early - seen_early), seen_early | early
             log_lines.append({"kill": k, "command": " ".join(args), "moment": moment,
                               "pass_started": _count(log, '"pass.started"') > 0,
                               "completed_by_it": counts["completed"] - before,
