@@ -35,7 +35,7 @@ PATIENTS = [  # ID, login, name, last name, e-mail, active
     (103, "clara", "Клара", "Смирнова", None, "Y"),
 ]
 
-_CBC = [
+_CBC: list[dict[str, Any]] = [
     {"code": "HGB", "name": "Гемоглобин", "value": 128, "unit": "г/л", "ref_min": 120,
      "ref_max": 160, "abnormal": False, "result_date": f"{_TODAY}T09:30:00+03:00"},
     {"code": "WBC", "name": "Лейкоциты", "value": 11.40, "unit": "10^9/л", "ref_min": 4.0,
@@ -43,15 +43,16 @@ _CBC = [
     {"code": "PLT", "name": "Тромбоциты", "value": 250, "unit": "10^9/л", "ref_min": 150,
      "ref_max": 400, "abnormal": False, "result_date": f"{_TODAY}T09:30:00+03:00"},
 ]
-_GLUCOSE = [
+_GLUCOSE: list[dict[str, Any]] = [
     {"code": "GLU", "name": "Glucose", "value": "7.9", "unit": "mmol/L", "ref_min": "3.9",
      "ref_max": "6.1", "abnormal": True, "result_date": f"{_TODAY}T06:45:00Z"},
     {"code": "HBA1C", "name": "HbA1c", "value": "5.40", "unit": "%", "ref_min": None,
      "ref_max": "6.0", "abnormal": False, "result_date": f"{_TODAY}T06:45:00Z"},
 ]
-_HIV = [{"code": "HIV", "name": "ВИЧ 1/2 антитела", "value": "negative", "unit": None,
-         "ref_min": None, "ref_max": None, "abnormal": None,
-         "result_date": f"{_TODAY}T11:00:00+03:00"}]
+_HIV: list[dict[str, Any]] = [
+    {"code": "HIV", "name": "ВИЧ 1/2 антитела", "value": "negative", "unit": None,
+     "ref_min": None, "ref_max": None, "abnormal": None,
+     "result_date": f"{_TODAY}T11:00:00+03:00"}]
 
 # external id, user, LIS status, results, PDF ready?, what it shows
 ORDERS: list[tuple[str, int, str, list[dict[str, Any]], bool, str]] = [

@@ -139,7 +139,8 @@ def collect_order(config: Config, external_id: str) -> dict[str, Any] | None:
             "results": [dict(r._mapping) for r in results],
         }
 
-    return with_engine(config, work)  # type: ignore[no-any-return]
+    found: dict[str, Any] | None = with_engine(config, work)
+    return found
 
 
 def render_order(report: dict[str, Any]) -> str:

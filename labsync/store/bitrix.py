@@ -66,7 +66,9 @@ def queue_mail_event(
             DUPLICATE=duplicate,
         )
     )
-    return int(result.inserted_primary_key[0])
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def add_event_log(

@@ -7,6 +7,7 @@ mangles a value silently: labsync fits values itself (``TextFitter``) and says s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine, String, bindparam, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -28,7 +29,7 @@ def make_engine(config: DatabaseConfig) -> Engine:
         engine = create_engine(config.url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
@@ -46,7 +47,7 @@ def make_engine(config: DatabaseConfig) -> Engine:
     )
 
     @event.listens_for(engine, "connect")
-    def _strict(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+    def _strict(dbapi_conn: Any, _record: Any) -> None:
         cursor = dbapi_conn.cursor()
         cursor.execute(f"SET SESSION sql_mode = '{STRICT_SQL_MODE}'")
         cursor.close()

@@ -156,7 +156,7 @@ def write_results(
     existing_rows = conn.execute(
         select(r).where(r.c.ORDER_ID == order_id).order_by(r.c.ID).with_for_update()
     ).mappings().all()
-    existing = _keyed(existing_rows)
+    existing = _keyed([dict(row) for row in existing_rows])
     wanted = _keyed(rows)
     to_insert = [dict(row, ORDER_ID=order_id) for k, row in wanted.items() if k not in existing]
     to_delete = [row["ID"] for k, row in existing.items() if k not in wanted]
@@ -203,7 +203,9 @@ def save_state(
 
 
 def record_pass(conn: Connection, values: Mapping[str, Any]) -> int:
-    return int(conn.execute(insert(labsync_passes).values(dict(values))).inserted_primary_key[0])
+    key = conn.execute(insert(labsync_passes).values(dict(values))).inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def finish_pass(conn: Connection, pass_id: int, values: Mapping[str, Any]) -> None:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -147,8 +149,8 @@ BITRIX_TABLES = (b_user, b_user_phone_auth, b_event, b_event_log)
 
 # -- labsync's own tables -----------------------------------------------------------------
 
-_OWN = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mariadb_engine": "InnoDB",
-        "mariadb_charset": "utf8mb4"}
+_OWN: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4",
+                        "mariadb_engine": "InnoDB", "mariadb_charset": "utf8mb4"}
 
 labsync_orders = Table(
     "labsync_orders",
