@@ -290,13 +290,14 @@ class Bench:
 
     def config(self, base_url: str, concurrency: int) -> Path:
         path = self.workdir / "labsync.toml"
-        lis = {"adapter": "qlab", "base_url": base_url, "api_key": self.api_key,
-               "max_concurrency": concurrency}
+        lis: dict[str, Any] = {"adapter": "qlab", "base_url": base_url,
+                               "api_key": self.api_key, "max_concurrency": concurrency}
         if self.args.max_rps:
             lis["max_rps"] = self.args.max_rps
-        tables = {"database": {"url": self.db_url}, "site": {"timezone": "Europe/Moscow"},
-                  "lis": lis, "pdf": {"dir": str(self.pdf_dir)}, "notify": {"site_id": "s1"},
-                  "log": {"format": "json"}}
+        tables: dict[str, dict[str, Any]] = {
+            "database": {"url": self.db_url}, "site": {"timezone": "Europe/Moscow"},
+            "lis": lis, "pdf": {"dir": str(self.pdf_dir)}, "notify": {"site_id": "s1"},
+            "log": {"format": "json"}}
         path.write_text("".join(f"[{name}]\n" + "".join(
             f"{k} = {json.dumps(v)}\n" for k, v in values.items()) + "\n"
             for name, values in tables.items()))
@@ -407,6 +408,8 @@ class Bench:
         net = max(0.0, measured["cpu_s"] - self.noop_cpu)
         measured["cpu_net_s"] = round(net, 3)
         measured["cpu_ms_per_completed"] = round(1000 * net / expected, 3) if expected else None
+        checked = summary.get("checked") or 0
+        measured["cpu_ms_per_order"] = round(1000 * net / checked, 3) if checked else None
         measured["ok"] = measured["ok"] and summary.get("completed") == expected \
             and summary.get("failed") == 0
 
@@ -430,6 +433,26 @@ class Bench:
         report = profile_report(out, self.args.profile_top)
         report.update(latency_s=latency, wall_s=measured["wall_s"], cpu_s=measured["cpu_s"],
                       completed=expected, exit_code=measured["exit_code"])
+        if self.args.py_spy:
+            report["sampled"] = self._undisturbed(
+                "py-spy", lambda: self._sample_once(orders, latency, expected))
+        return report
+
+    def _sample_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
+        """A pass under py-spy (sampling, so nearly free): on-CPU stacks of every thread."""
+        reset(self.engine, self.pdf_dir, self.baseline_pdf_dir)
+        log(f"py-spy: {orders} orders, latency {latency * 1000:g} ms")
+        lis = self.fake(orders, latency, self.args.completed_ratio)
+        out = self.workdir / "labsync.pyspy.txt"
+        try:
+            config = self.config(lis.base_url, self.args.concurrency)
+            command = [self.args.py_spy, "record", "--gil", "--format", "raw", "--rate", "500",
+                       "--output", str(out), "--", *self.labsync_command(config)]
+            measured = run_measured(command, self.workdir / "py-spy.log")
+        finally:
+            lis.stop()
+        report = sampled_report(out, self.args.profile_top)
+        report.update(wall_s=measured["wall_s"], exit_code=measured["exit_code"])
         return report
 
 
@@ -470,9 +493,10 @@ def profile_child(out: str, labsync_args: list[str]) -> int:
     finally:
         main_profile.disable()
         stats = pstats.Stats(main_profile)
-        for profile in profiles[:-1]:
-            with contextlib.suppress(TypeError):  # a thread that never ran any Python
-                stats.add(profile)
+        for profile in profiles:
+            if profile is not main_profile:
+                with contextlib.suppress(TypeError):  # a thread that never ran any Python
+                    stats.add(profile)
         stats.dump_stats(out)
 
 
@@ -518,6 +542,44 @@ def profile_report(path: Path, top: int) -> dict[str, Any]:
     return {"profiled_cpu_s": round(total, 3), "top": rows[:top],
             "by_area": [{"area": a, "tottime_s": round(t, 3), "share": round(t / total, 4)}
                         for a, t in areas[:top]]}
+
+
+PHASES = {"observe (LIS workers)": "SyncEngine._observe", "apply (DB, pass thread)":
+          "SyncEngine._apply", "pages and claims": "SyncEngine._pages"}
+
+
+def sampled_report(path: Path, top: int) -> dict[str, Any]:
+    """py-spy's raw stacks: samples by leaf function (own time), by package, by pass phase."""
+    leaves: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    inclusive: dict[str, int] = {}  # labsync's functions, counted once per stack they are on
+    phases = dict.fromkeys(PHASES, 0)
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        leaf = stack.rsplit(";", 1)[-1].strip()
+        leaves[leaf] = leaves.get(leaf, 0) + count
+        where = re.search(r"\(([^:()]+)", leaf)
+        area = where[1].split("/")[0].removesuffix(".py") if where else "?"
+        areas[area] = areas.get(area, 0) + count
+        for phase, marker in PHASES.items():
+            if marker in stack:
+                phases[phase] += count
+        for name in {f.split(" (", 1)[0] for f in stack.split(";") if "(labsync/" in f}:
+            inclusive[name] = inclusive.get(name, 0) + count
+    total = total or 1
+
+    def ranked(counts: dict[str, int], key: str) -> list[dict[str, Any]]:
+        items = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [{key: k, "samples": n, "share": round(n / total, 4)} for k, n in items]
+
+    return {"samples": total, "top": ranked(leaves, "function"),
+            "by_area": ranked(areas, "area"), "by_phase": ranked(phases, "phase"),
+            "labsync_inclusive": ranked(inclusive, "function")}
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -585,16 +647,18 @@ def evaluate(report: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
 
 def render(report: dict[str, Any]) -> str:
     head = ("latency", "run", "wall s", "speed-up", "LIS req", "in flight", "Little s",
-            "wall/Little", "CPU s", "net CPU ms/compl", "peak RSS MB", "correct")
+            "wall/Little", "CPU s", "ms/completed", "ms/order", "peak RSS MB", "correct")
     lines = []
 
     def row(latency: str, name: str, r: dict[str, Any], speedup: str) -> None:
-        per = r.get("cpu_ms_per_completed")
+        per, per_order = r.get("cpu_ms_per_completed"), r.get("cpu_ms_per_order")
         ratio = r.get("little_ratio")
         lines.append((latency, name, f"{r['wall_s']:.1f}", speedup, str(r["lis_requests"]),
                       str(r["lis_max_in_flight"]), f"{r['little_limit_s']:.1f}",
                       f"{ratio:.2f}" if ratio else "-", f"{r['cpu_s']:.1f}",
-                      f"{per:.2f}" if per is not None else "-", f"{r['peak_rss_mb']:.0f}",
+                      f"{per:.2f}" if per is not None else "-",
+                      f"{per_order:.2f}" if per_order is not None else "-",
+                      f"{r['peak_rss_mb']:.0f}",
                       "yes" if r["ok"] else "NO"))
 
     for run in report["runs"]:
@@ -610,18 +674,36 @@ def render(report: dict[str, Any]) -> str:
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
     noop = report["noop"]
-    out.append(f"\nno-op sync-once (subtracted from labsync's CPU): {noop['cpu_s']:.2f} s CPU, "
+    out.append("ms/completed, ms/order: labsync's CPU (user+sys) net of a no-op sync-once, per "
+               "completed order and per order asked")
+    out.append(f"no-op sync-once (subtracted): {noop['cpu_s']:.2f} s CPU, "
                f"{noop['wall_s']:.2f} s wall, {noop['peak_rss_mb']:.0f} MB")
     if report.get("profile"):
         prof = report["profile"]
-        out.append(f"\nprofile: labsync pass at {prof['latency_s'] * 1000:g} ms, per-thread CPU, "
-                   f"{prof['profiled_cpu_s']:.2f} s profiled (cProfile slows the code ~2×)")
+        plain = _nearest(report["runs"], prof["latency_s"])
+        slower = prof["cpu_s"] / plain["labsync"]["cpu_s"] if plain else 0
+        out.append(f"\ncProfile: a labsync pass at {prof['latency_s'] * 1000:g} ms, own CPU time "
+                   f"per thread, {prof['profiled_cpu_s']:.1f} s in all: the profiler made the "
+                   f"pass use {slower:.1f}× the CPU, most in code with many small calls")
         out.append(f"  {'own CPU s':>9}  {'share':>6}  {'calls':>8}  function")
         for item in prof["top"]:
             out.append(f"  {item['tottime_s']:>9.3f}  {item['share']:>6.1%}  "
                        f"{item['calls']:>8}  {item['function']}")
         out.append("  by package: " + ", ".join(
             f"{a['area']} {a['share']:.0%}" for a in prof["by_area"][:10]))
+        if prof.get("sampled"):
+            sampled = prof["sampled"]
+            out.append(f"\npy-spy: the same pass sampled on-CPU, {sampled['samples']} samples "
+                       "(nearly no overhead)")
+            out.append("  by phase: " + ", ".join(
+                f"{p['phase']} {p['share']:.0%}" for p in sampled["by_phase"]))
+            out.append("  by package: " + ", ".join(
+                f"{a['area']} {a['share']:.0%}" for a in sampled["by_area"][:10]))
+            for item in sampled["top"]:
+                out.append(f"  {item['share']:>6.1%}  {item['function']}")
+            out.append("  labsync's functions, with what they call:")
+            for item in sampled["labsync_inclusive"]:
+                out.append(f"  {item['share']:>6.1%}  {item['function']}")
     out.append("\ntargets:")
     for target in report["targets"]:
         out.append(f"  [{'MET' if target['met'] else 'NOT MET'}] {target['target']}: "
@@ -693,6 +775,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--skip-baseline", action="store_true", help="run labsync only")
     add("--profile", action="store_true", help="one more pass under cProfile; top items")
     add("--profile-top", type=int, default=15, help="items in the profile list (15)")
+    add("--py-spy", metavar="EXE", help="with --profile: also sample a pass with this py-spy")
     add("--noop-runs", type=int, default=3, help="no-op passes; the cheapest is subtracted (3)")
     add("--admin-url", default=ADMIN_URL, help="a MariaDB account that may create databases")
     add("--json", type=Path, metavar="FILE", help="also write the report as JSON")

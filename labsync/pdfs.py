@@ -63,7 +63,8 @@ class PdfStore:
     def _folder(self, path: Path) -> None:
         for folder in (self.root, path.parent):
             try:
-                folder.mkdir(mode=DIR_MODE, exist_ok=True)
+                # parents too: pdf.dir may be a fresh path (each made 0750 like the rest)
+                folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
                 if folder.stat().st_mode & 0o777 != DIR_MODE:
                     os.chmod(folder, DIR_MODE)
             except OSError as exc:

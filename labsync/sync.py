@@ -168,18 +168,25 @@ class SyncEngine:
             structlog.contextvars.bind_contextvars(pass_id=summary.pass_id)
             log.info("pass.started")
             workers = max(1, self.config.lis.max_concurrency)
-            with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
-                # One page ahead: the workers ask the LIS about the next page while this
-                # thread applies the last one, so neither waits for the other at page ends.
-                ahead: list[Future[_Observation]] = []
-                for page in self._pages(due_only):
-                    if stop.is_set() or self._halted.is_set():
-                        break
-                    futures = [pool.submit(contextvars.copy_context().run, self._observe, o,
-                                           stop) for o in page]
+            # One page ahead: the workers ask the LIS about the next page while this thread
+            # applies the last one, so neither waits for the other at page ends.
+            ahead: list[Future[_Observation]] = []
+            futures: list[Future[_Observation]] = []
+            try:
+                with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
+                    for page in self._pages(due_only):
+                        if stop.is_set() or self._halted.is_set():
+                            break
+                        futures = [pool.submit(contextvars.copy_context().run, self._observe,
+                                               o, stop) for o in page]
+                        self._apply_all(ahead, summary, stop)
+                        ahead, futures = futures, []
                     self._apply_all(ahead, summary, stop)
-                    ahead = futures
-                self._apply_all(ahead, summary, stop)
+            except BaseException:
+                # The pass is ending (the database went away): what was observed but not
+                # applied must not leave its staged PDFs behind. The pool has finished here.
+                self._discard_unapplied([*ahead, *futures])
+                raise
         finally:
             self.busy = False
             self._release_claims()
@@ -228,21 +235,14 @@ class SyncEngine:
             # The leases run out by themselves; another instance may take the orders then.
             log.warning("claims.not_released", error=str(exc))
 
+    def _discard_unapplied(self, futures: list[Future[_Observation]]) -> None:
+        for future in futures:
+            if not future.cancel():
+                with contextlib.suppress(Exception):
+                    self.pdfs.discard(future.result().pdf)  # a no-op once published
+
     def _apply_all(self, futures: list[Future[_Observation]], summary: PassSummary,
                    stop: threading.Event) -> None:
-        try:
-            self._apply_each(futures, summary, stop)
-        except BaseException:
-            # The pass is ending (database gone): the rest of the page is not applied, and
-            # its staged PDFs must not linger as temporary files.
-            for future in futures:
-                if not future.cancel():
-                    with contextlib.suppress(Exception):
-                        self.pdfs.discard(future.result().pdf)
-            raise
-
-    def _apply_each(self, futures: list[Future[_Observation]], summary: PassSummary,
-                    stop: threading.Event) -> None:
         for future in futures:
             if stop.is_set() and future.cancel():
                 summary.skipped += 1

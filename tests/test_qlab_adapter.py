@@ -637,6 +637,8 @@ class _ResetMidBody(io.BytesIO):
             raise ConnectionResetError(104, "Connection reset by peer")
         return super().read(1000)
 
+    read1 = read  # urllib3 reads a streamed body with read1, as a socket file offers it
+
 
 def test_pdf_connection_reset_mid_body_is_retried(client, requests_mock) -> None:
     requests_mock.get(PDF_URL, [{"body": _ResetMidBody(PDF)}, {"content": PDF}])
@@ -992,6 +994,6 @@ def test_a_pdf_dripping_in_past_the_download_timeout_is_given_up(fake_time, requ
                                download_timeout=250, retry_attempts=1),
                      sleep=slow.sleep, clock=slow.clock)
     requests_mock.get(PDF_URL, content=pdf, headers={"Content-Type": "application/pdf"})
-    with pytest.raises(TransientLisError, match="longer than 250 s"):
+    with pytest.raises(TransientLisError, match="download time limit"):
         lis.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
     lis.close()

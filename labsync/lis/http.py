@@ -79,10 +79,14 @@ def quote_id(external_id: str) -> str:
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
 
 
-def _body(response: requests.Response, what: str, max_bytes: int) -> Iterator[bytes]:
+def _body(response: requests.Response, what: str, max_bytes: int, *,
+          deadline: float | None = None, clock: Clock = time.monotonic) -> Iterator[bytes]:
     """The body in chunks of up to 64 KiB, refused past ``max_bytes`` without reading on.
 
-    A reset mid-body, or fewer bytes than Content-Length promised, is a ``TransientLisError``.
+    A reset mid-body, fewer bytes than Content-Length promised, or a body still coming in at
+    ``deadline`` (a ``clock`` value) is a ``TransientLisError``. Reads return whatever has
+    arrived (``read1``), so a server dripping bytes meets the deadline too, not just one
+    that stops: ``read_timeout`` bounds each read, the deadline the whole body.
     """
     # Content-Length counts the bytes on the wire; with compression we count decoded bytes.
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
@@ -92,7 +96,10 @@ def _body(response: requests.Response, what: str, max_bytes: int) -> Iterator[by
         raise BadLisData(f"{what}: the body is larger than {max_bytes} bytes")
     received = 0
     try:
-        for chunk in response.iter_content(CHUNK_BYTES):
+        for chunk in _reads(response):
+            if deadline is not None and clock() > deadline:
+                raise TransientLisError(f"{what}: the body was still coming in after the "
+                                        "download time limit (lis.download_timeout)")
             received += len(chunk)
             if received > max_bytes:
                 raise BadLisData(f"{what}: the body is larger than {max_bytes} bytes")
@@ -102,6 +109,17 @@ def _body(response: requests.Response, what: str, max_bytes: int) -> Iterator[by
     # urllib3 notices a short body on real sockets; this also covers transports that do not.
     if declared is not None and received < declared:
         raise TransientLisError(f"{what}: the body was cut short ({received} of {declared} bytes)")
+
+
+def _reads(response: requests.Response) -> Iterator[bytes]:
+    """Chunks of the body as they arrive (decoded), at most ``CHUNK_BYTES`` each."""
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # a transport without urllib3 underneath
+        yield from response.iter_content(CHUNK_BYTES)
+        return
+    while chunk := read1(CHUNK_BYTES, decode_content=True):
+        yield chunk
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -318,9 +336,11 @@ class HttpTransport:
         """GET ``path``, decode its JSON (numbers as ``JsonNumber``), retry what is transient."""
 
         def attempt() -> Any:
+            deadline = self._clock() + self._config.download_timeout
             with self._send("GET", path, what=what, not_found=not_found, params=params) as resp:
                 _check_json_type(resp, what)
-                body = b"".join(_body(resp, what, max_bytes))
+                body = b"".join(_body(resp, what, max_bytes, deadline=deadline,
+                                      clock=self._clock))
             return decode_json(self._mask_key(body), what=what)
 
         return self._retrying(what)(attempt)
@@ -352,10 +372,8 @@ class HttpTransport:
             deadline = self._clock() + self._config.download_timeout
             with self._send("GET", path, what=what, not_found=not_found, accept=accept) as resp:
                 head, tail, total = b"", b"", 0
-                for chunk in _body(resp, what, max_bytes):
-                    if self._clock() > deadline:
-                        raise TransientLisError(f"{what}: the download took longer than "
-                                                f"{self._config.download_timeout:g} s")
+                for chunk in _body(resp, what, max_bytes, deadline=deadline,
+                                   clock=self._clock):
                     total += len(chunk)
                     if len(head) < EDGE_BYTES:
                         head += chunk[: EDGE_BYTES - len(head)]

@@ -244,9 +244,14 @@ def _datetime(value: Any, where: str) -> datetime | None:
     if not isinstance(value, str) or isinstance(value, JsonNumber):
         raise BadLisData(f"{where}: must be an ISO 8601 date-time string or null")
     try:
-        return datetime.fromisoformat(_text(value, where))
+        moment = datetime.fromisoformat(_text(value, where))
     except ValueError:
         raise BadLisData(f"{where}: {excerpt(repr(value))} is not an ISO 8601 date-time") from None
+    # The site's DATETIME holds years 1000-9999; at the very edges a time-zone shift would
+    # overflow, and no lab result is dated there anyway.
+    if not 1000 <= moment.year <= 9998:
+        raise BadLisData(f"{where}: {excerpt(repr(value))} is out of range (years 1000-9998)")
+    return moment
 
 
 def _date(value: Any, where: str, *, allow_time: bool = False) -> date | None:

@@ -21,6 +21,7 @@ STRICT_SQL_MODE = (
     "NO_ENGINE_SUBSTITUTION"
 )
 ELLIPSIS = "…"
+LOCK_WAIT_SECONDS = 10
 
 
 def make_engine(config: DatabaseConfig) -> Engine:
@@ -50,6 +51,9 @@ def make_engine(config: DatabaseConfig) -> Engine:
     def _strict(dbapi_conn: Any, _record: Any) -> None:
         cursor = dbapi_conn.cursor()
         cursor.execute(f"SET SESSION sql_mode = '{STRICT_SQL_MODE}'")
+        # One order locked by the site must not stall a pass for the server's default 50 s
+        # per try: fail the order fast, it is retried on a later pass.
+        cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}")
         cursor.close()
 
     return engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -78,8 +79,6 @@ def site(mariadb: Db) -> Iterator[Db]:
 
 def mail_counts(db: Db) -> dict[str, int]:
     """Mail events per EXTERNAL_ORDER_ID, read from C_FIELDS."""
-    import re
-
     pattern = re.compile(r's:8:"ORDER_ID";s:\d+:"([^"]*)";')
     counts: dict[str, int] = {}
     for (c_fields,) in db.rows("SELECT C_FIELDS FROM b_event"):

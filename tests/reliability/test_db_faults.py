@@ -9,7 +9,9 @@ connections killed with KILL CONNECTION, and `sync-once` against a server that i
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import threading
 import time
 
@@ -45,10 +47,6 @@ def _bulk_orders(db, names: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: labsync/sync.py SyncEngine.run_pass: when the database goes away mid-pass, "
-    "the staged PDFs of the page submitted one page ahead are never discarded; their "
-    "temporary files stay until the hourly sweep takes them an hour later"))
 def test_sync_once_through_a_mariadb_restart_exits_2_and_the_next_pass_finishes(site, tmp_path):
     if not mariadb_server.can_restart():
         pytest.skip("cannot restart the local MariaDB server here")
@@ -228,8 +226,9 @@ def test_a_row_locked_past_the_lock_wait_timeout_fails_that_order_only(
 
 
 def _lock_waits(site, table: str) -> int:
-    return site.scalar("SELECT COUNT(*) FROM information_schema.INNODB_TRX "
-                       "WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE :t", t=f"%{table}%")
+    """Statements waiting (over 0.2 s) to lock rows of ``table`` with SELECT … FOR UPDATE."""
+    return site.scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE :q "
+                       "AND TIME_MS > 200", q=f"SELECT {table}.%FOR UPDATE")
 
 
 def test_a_deadlock_with_another_connection_is_retried_and_the_order_completes(site, tmp_path):
@@ -294,3 +293,105 @@ def test_a_deadlock_with_another_connection_is_retried_and_the_order_completes(s
            "result rows, then its order row", times=1,
            outcome="labsync chosen as victim (1213); transaction retried whole; completed in "
            "the same pass")
+
+
+# -- a commit whose answer never comes -----------------------------------------------------
+
+
+class _CommitEater:
+    """A TCP proxy to MariaDB that, once, lets an order's COMMIT through and then cuts the
+    connection before the server's answer reaches labsync: the commit happened, but labsync
+    cannot know it. Packets are MySQL's: 3 bytes length, 1 byte sequence, payload."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = True
+        self.eaten = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            mute = threading.Event()  # set: the server's answers no longer reach labsync
+            threading.Thread(target=self._pipe, args=(server, client, mute),
+                             daemon=True).start()
+            threading.Thread(target=self._client_to_server, args=(client, server, mute),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, mute: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while (data := source.recv(65536)) and not mute.is_set():
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _client_to_server(self, client: socket.socket, server: socket.socket,
+                          mute: threading.Event) -> None:
+        queued_mail = False
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                buffer += data
+                while len(buffer) >= 4 and len(buffer) >= 4 + int.from_bytes(buffer[:3],
+                                                                               "little"):
+                    size = 4 + int.from_bytes(buffer[:3], "little")
+                    packet, buffer = buffer[:size], buffer[size:]
+                    query = packet[5:].decode("utf-8", "replace").strip().upper() \
+                        if packet[4:5] == b"\x03" else ""
+                    queued_mail = queued_mail or query.startswith("INSERT INTO B_EVENT")
+                    eat = query == "COMMIT" and queued_mail and self.armed
+                    if eat:
+                        mute.set()
+                    server.sendall(packet)
+                    if eat:
+                        self.armed = False
+                        self.eaten += 1
+                        time.sleep(0.3)  # the server commits; its OK goes nowhere
+                        server.shutdown(socket.SHUT_RDWR)
+                        client.shutdown(socket.SHUT_RDWR)
+                        return
+                    if query == "COMMIT":
+                        queued_mail = False
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_commit_whose_answer_is_lost_is_not_done_twice(site, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(site.url)
+    proxy = _CommitEater((url.host, url.port or 3306))
+    pdf_dir = tmp_path / "pdfs"
+    try:
+        with FakeQlab(api_key=API_KEY) as lis:
+            pdfs = _seed(site, lis, ["A-1", "A-2", "A-3"])
+            proxied = site.__class__(site.kind, url.set(host="127.0.0.1", port=proxy.port)
+                                     .render_as_string(hide_password=False), site.engine)
+            with structlog.testing.capture_logs(processors=[merge_contextvars]) as logged:
+                summary = run_pass_with(make_config(proxied, lis, pdf_dir))
+    finally:
+        proxy.close()
+    assert proxy.eaten == 1
+    retries = [e for e in logged if e["event"] == "db.retry"]
+    assert [e["kind"] for e in retries] == ["disconnect"], retries
+    assert [e["event"] for e in logged].count("order.changed_meanwhile") == 1
+    assert summary.failed == 0 and summary.completed + summary.skipped == 3, summary
+    counts = check_invariants(site, pdf_dir, expected_results={k: 3 for k in pdfs},
+                              expected_pdfs=pdfs)
+    assert counts == {"completed": 3, "not_completed": 0}
+    assert site.scalar("SELECT COUNT(*) FROM b_event") == 3
+    record("Commit acknowledgement lost", injected="a TCP proxy cuts the connection after the "
+           "order's COMMIT reached the server", times=1, outcome="transaction retried, found "
+           "the order completed and left it (order.changed_meanwhile); one mail, no twin rows")

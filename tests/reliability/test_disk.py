@@ -230,11 +230,6 @@ def test_a_file_size_limit_leaves_the_order_pending_and_the_small_pdfs_go_on(sit
            "without the limit")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: labsync/checks.py _check_pdf_dir says 'pdf.dir … does not exist yet; labsync "
-    "will create it (0750)' when only an ancestor exists, but labsync/pdfs.py "
-    "PdfStore._folder creates one level (mkdir without parents), so every completed order "
-    "then fails with 'cannot create PDF folder …: No such file or directory'"))
 def test_a_pdf_dir_check_says_labsync_will_create_is_created_by_the_pass(site, tmp_path):
     from labsync.checks import run_checks
 

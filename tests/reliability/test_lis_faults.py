@@ -15,8 +15,11 @@ pass early (tests/test_sync_engine.py).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 import structlog
@@ -215,9 +218,12 @@ def test_connection_refused_for_a_whole_page_ends_the_pass_with_one_error(site, 
         down = make_config(site, lis, pdf_dir, lis={
             "base_url": f"http://127.0.0.1:{free_port()}/v2", "max_concurrency": 2})
 
-        summary = run_pass_with(down)
+        sleeps: list[float] = []
+        summary = run_pass_with(down, sleeps=sleeps)
 
         assert summary.outcome == "lis_unreachable" and summary.completed == 0
+        tried = len(sleeps) // (ATTEMPTS - 1)  # orders asked, each with every attempt
+        assert tried < len(names) // 2
         charged = site.scalar("SELECT COUNT(*) FROM labsync_orders WHERE FAILURES > 0")
         assert charged < 20  # ~10 orders tried, then the pass stopped asking
         halts = [e for e in event_log(site) if e.ITEM_ID == "labsync"]
@@ -228,8 +234,9 @@ def test_connection_refused_for_a_whole_page_ends_the_pass_with_one_error(site, 
         again = run_pass_with(make_config(site, lis, pdf_dir))
     assert again.completed == len(names)
     record("LIS connection refused, 40 orders", injected="nothing listening on lis.base_url",
-           times=charged * ATTEMPTS, outcome="pass ended early (lis_unreachable), one ERROR "
-           "line; completed next pass", charged=charged)
+           times=tried * ATTEMPTS, outcome=f"pass ended early (lis_unreachable) after {tried} "
+           f"of 40 orders, one ERROR line, {charged} charged a failure; completed next pass",
+           charged=charged)
 
 
 class _RevokingLis(FakeQlab):
@@ -289,3 +296,62 @@ def test_a_key_revoked_mid_pass_gives_one_error_and_the_pass_stops_asking(site, 
     record("LIS 401 mid-pass (key revoked)", injected="401 on every request after 15",
            times=refused, outcome="one lis.auth_failed line and one ERROR in b_event_log; "
            "pass stopped asking; rest completed next pass", completed_before=summary.completed)
+
+
+class _DripHandler(BaseHTTPRequestHandler):
+    """QLAB's two order endpoints; DRIP-1's PDF comes one byte every 0.3 s, for hours."""
+
+    protocol_version = "HTTP/1.1"
+    stopping = threading.Event()
+
+    def do_GET(self) -> None:
+        order, _, what = self.path.removeprefix("/v2/orders/").partition("/")
+        if what == "results":
+            body = json.dumps({"id": order, "status": "completed", "results": RESULTS}).encode()
+            kind = "application/json"
+        else:
+            body, kind = sample_pdf(f"Lab results {order}", size=200_000), "application/pdf"
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if order == "DRIP-1" and what == "pdf":
+            for byte in body:
+                if self.stopping.wait(0.3):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        else:
+            self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_pdf_that_trickles_in_is_cut_off_at_the_download_timeout(site, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
+    server.daemon_threads = True
+    _DripHandler.stopping.clear()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("DRIP-1", "O-1", "O-2"):
+        add_order(site, name, 7)
+    drip = SimpleNamespace(base_url=f"http://127.0.0.1:{server.server_address[1]}/v2")
+    config = make_config(site, drip, tmp_path / "pdfs", lis={
+        "read_timeout": 1, "retry_max_seconds": 5, "download_timeout": 5})
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(run_pass_with(config)))
+    started = time.monotonic()
+    worker.start()
+    worker.join(20)  # download_timeout and the retry budget are 5 s: well within this
+    took = time.monotonic() - started
+    _DripHandler.stopping.set()  # ends the trickle, and with it a pass still waiting on it
+    worker.join(30)
+    server.shutdown()
+    server.server_close()
+    record("LIS PDF trickling in (a byte every 0.3 s)", injected="PDF of one order; "
+           "download_timeout and retry budget 5 s",
+           times=1, outcome=f"pass ended after {took:.0f} s" if took < 20 else
+           "pass still waiting after 20 s (stopped by the test); unbounded")
+    assert took < 20, "the pass waited on a trickling PDF far past lis.download_timeout"
+    [summary] = outcome
+    assert (summary.completed, summary.failed) == (2, 1)
