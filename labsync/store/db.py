@@ -6,6 +6,7 @@ mangles a value silently: labsync fits values itself (``TextFitter``) and says s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ STRICT_SQL_MODE = (
     "NO_ENGINE_SUBSTITUTION"
 )
 ELLIPSIS = "…"
+_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")  # what a 3-byte utf8 column cannot hold
 LOCK_WAIT_SECONDS = 10
 
 
@@ -117,7 +119,7 @@ class TextFitter:
         notes: list[str] = []
         charset = self.charsets.get((table, column), "utf8mb4")
         if charset in ("utf8", "utf8mb3"):
-            fitted = "".join(ch if ord(ch) <= 0xFFFF else "\ufffd" for ch in value)
+            fitted = _ASTRAL.sub("\ufffd", value)
         elif charset in ("utf8mb4", "binary"):
             fitted = value
         else:
