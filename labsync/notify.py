@@ -24,18 +24,42 @@ class MailDecision:
     event_id: int | None = None
 
 
+class Recipients:
+    """Site users as mail recipients, each looked up once per pass (a patient often has
+    several orders ready at once). Shared by every notification backend."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, bitrix.SiteUser | None] = {}
+
+    def clear(self) -> None:
+        """Forget the users of the last pass: an address changed since is read afresh."""
+        self._users.clear()
+
+    def lookup(self, conn: Connection, user_id: int) -> tuple[bitrix.SiteUser | None,
+                                                              MailDecision | None]:
+        """(the user, None) when they can get mail; (None, the decision why not) otherwise."""
+        if user_id not in self._users:
+            self._users[user_id] = bitrix.get_user(conn, user_id)
+        user = self._users[user_id]
+        if user is None:
+            return None, MailDecision("no_user")
+        if not user.active:
+            return None, MailDecision("inactive")
+        if not user.email:
+            return None, MailDecision("no_email")
+        return user, None
+
+
 class BitrixNotifier:
     """Queues notifications into Bitrix's ``b_event`` mail queue."""
 
     def __init__(self, config: NotifyConfig, fitter: TextFitter) -> None:
         self.config = config
         self.fitter = fitter
-        # Users looked up during one pass (a patient often has several orders ready at once).
-        self._users: dict[int, bitrix.SiteUser | None] = {}
+        self.recipients = Recipients()
 
     def new_pass(self) -> None:
-        """Forget the users of the last pass: an address changed since is read afresh."""
-        self._users.clear()
+        self.recipients.clear()
 
     def order_ready(
         self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
@@ -55,15 +79,10 @@ class BitrixNotifier:
 
     def _queue(self, conn: Connection, event_name: str, order_id: int, external_id: str,
                user_id: int, now_site: datetime, extra: dict[str, str]) -> MailDecision:
-        if user_id not in self._users:
-            self._users[user_id] = bitrix.get_user(conn, user_id)
-        user = self._users[user_id]
+        user, refused = self.recipients.lookup(conn, user_id)
         if user is None:
-            return MailDecision("no_user")
-        if not user.active:
-            return MailDecision("inactive")
-        if not user.email:
-            return MailDecision("no_email")
+            assert refused is not None
+            return refused
         fields = {
             "EMAIL": user.email,
             "NAME": user.name or "",

@@ -24,7 +24,6 @@ from labsync.mail.templates import MailTemplates, RenderedMail
 if TYPE_CHECKING:
     from labsync.config import NotifyConfig
     from labsync.notify import MailDecision
-    from labsync.store.bitrix import SiteUser
 
 __all__ = [
     "MailTemplates", "RenderedMail", "SmtpConfig", "SmtpNotifier", "smtp_config_from",
@@ -46,11 +45,12 @@ class SmtpNotifier:
         self.zone = zone
         self.templates = templates or MailTemplates(smtp.templates)
         self.templates.validate()
-        self._users: dict[int, SiteUser | None] = {}
+        from labsync.notify import Recipients  # not at the top: config imports this package
+
+        self.recipients = Recipients()
 
     def new_pass(self) -> None:
-        """Forget the users of the last pass: an address changed since is read afresh."""
-        self._users.clear()
+        self.recipients.clear()
 
     def order_ready(
         self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
@@ -78,17 +78,11 @@ class SmtpNotifier:
     def _queue(self, conn: Connection, kind: str, version: int, *, order_id: int,
                external_id: str, user_id: int, now_site: datetime) -> MailDecision:
         from labsync.notify import MailDecision
-        from labsync.store import bitrix
 
-        if user_id not in self._users:
-            self._users[user_id] = bitrix.get_user(conn, user_id)
-        user = self._users[user_id]
+        user, refused = self.recipients.lookup(conn, user_id)
         if user is None:
-            return MailDecision("no_user")
-        if not user.active:
-            return MailDecision("inactive")
-        if not user.email:
-            return MailDecision("no_email")
+            assert refused is not None
+            return refused
         context: dict[str, Any] = {
             "NAME": user.name or "", "LAST_NAME": user.last_name or "", "EMAIL": user.email,
             "ORDER_ID": external_id, "LOCAL_ORDER_ID": str(order_id),
