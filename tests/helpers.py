@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+import structlog
+from sqlalchemy import insert, select
 
+from labsync import logs
 from labsync.app import open_app
 from labsync.config import Config
 from labsync.lis.qlab import QlabClient
@@ -22,6 +27,36 @@ def run_pass(config: Config, *, due_only: bool = False, now: Any = None) -> Pass
         if now is not None:
             engine = SyncEngine(config, app.engine, lis, app.fitter, now=now)
         return engine.run_pass(due_only=due_only)
+
+
+def add_orders(db: Any, names: list[str], user_id: int = 7) -> None:
+    """Many pending orders at once (one multi-row INSERT), for the larger tests."""
+    with db.engine.begin() as conn:
+        conn.execute(insert(local_lab_orders),
+                     [{"USER_ID": user_id, "EXTERNAL_ORDER_ID": n, "STATUS": "received"}
+                      for n in names])
+
+
+@contextmanager
+def restored_logging() -> Iterator[None]:
+    """Put back what ``logs.setup`` changes process-wide: root handlers and level, library
+    logger levels, the redactor's secrets, structlog's configuration and contextvars."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    lib_levels = {name: logging.getLogger(name).level for name in logs.LIBRARY_LOGGERS}
+    known_secrets = list(logs.REDACTOR.secrets)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        for name, lib_level in lib_levels.items():
+            logging.getLogger(name).setLevel(lib_level)
+        logs.REDACTOR.secrets[:] = known_secrets
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
 
 
 def results(db: Any, external_id: str) -> list[Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import sqlite3
@@ -15,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from labsync import cli, logs
+from labsync import cli
 from labsync.testing.fake_qlab import FakeQlab, Fault
 from tests.conftest import API_KEY, SQL_DIR, Db, add_order, add_user
-from tests.helpers import RESULTS, order_row, results, run_pass
+from tests.helpers import RESULTS, order_row, restored_logging, results, run_pass
 
 DB_PASSWORD = "s3cr3t-db-pw-77aa"
 UNREACHABLE_DB = f"mysql+pymysql://labsync:{DB_PASSWORD}@127.0.0.1:1/bitrix"
@@ -33,19 +31,8 @@ OWN_AND_SITE = {"local_lab_orders", "local_lab_results", "labsync_orders", "labs
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """``cli.main`` configures logging for the process; put everything back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    lib_levels = {name: logging.getLogger(name).level for name in logs.LIBRARY_LOGGERS}
-    known_secrets = list(logs.REDACTOR.secrets)
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    for name, lib_level in lib_levels.items():
-        logging.getLogger(name).setLevel(lib_level)
-    logs.REDACTOR.secrets[:] = known_secrets
-    structlog.reset_defaults()
+    with restored_logging():
+        yield
 
 
 def _toml_value(value: Any) -> str:

@@ -11,7 +11,7 @@ from labsync.testing.fake_qlab import FakeQlab
 from labsync.testing.pdfs import sample_pdf
 from tests import mariadb_server
 from tests.conftest import API_KEY, add_order, add_user, make_config
-from tests.helpers import RESULTS, run_pass
+from tests.helpers import RESULTS, add_orders, run_pass
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, wait_until, write_config
 
@@ -30,10 +30,7 @@ def test_daemon_survives_mariadb_restarting_mid_pass(mariadb, tmp_path):
     add_user(mariadb, 7)
     names = [f"R-{i:04d}" for i in range(300)]
     pdfs = {n: sample_pdf(f"Lab results {n}") for n in names}
-    with mariadb.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO local_lab_orders (USER_ID, EXTERNAL_ORDER_ID, STATUS) VALUES "
-            + ", ".join(f"(7, '{n}', 'received')" for n in names))
+    add_orders(mariadb, names)
     with FakeQlab(api_key=API_KEY, latency=0.02) as lis:
         for name in names:
             lis.add_order(name, results=RESULTS, pdf=pdfs[name])

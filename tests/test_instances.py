@@ -9,7 +9,7 @@ import pytest
 from labsync.testing.fake_qlab import FakeQlab
 from labsync.testing.pdfs import sample_pdf
 from tests.conftest import API_KEY, add_user
-from tests.helpers import RESULTS
+from tests.helpers import RESULTS, add_orders
 from tests.invariants import check_invariants
 from tests.processes import labsync, write_config
 
@@ -20,10 +20,7 @@ def test_two_sync_once_processes_do_every_order_exactly_once(mariadb, tmp_path):
     add_user(mariadb, 7)
     names = [f"M-{i:04d}" for i in range(450)]
     pdfs = {n: sample_pdf(f"Lab results {n}") for n in names}
-    with mariadb.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO local_lab_orders (USER_ID, EXTERNAL_ORDER_ID, STATUS) VALUES "
-            + ", ".join(f"(7, '{n}', 'received')" for n in names))
+    add_orders(mariadb, names)
     with FakeQlab(api_key=API_KEY, latency=0.005) as lis:
         for name in names:
             lis.add_order(name, results=RESULTS, pdf=pdfs[name])

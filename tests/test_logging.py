@@ -16,7 +16,7 @@ from requests.structures import CaseInsensitiveDict
 from labsync import logs
 from labsync.testing.fake_qlab import Fault
 from tests.conftest import API_KEY, add_order, add_user
-from tests.helpers import RESULTS, event_log, run_pass
+from tests.helpers import RESULTS, event_log, restored_logging, run_pass
 
 SECRET = "sekret-value-8c2d4e"
 
@@ -30,28 +30,17 @@ def setup_logs() -> Iterator[Setup]:
     ``logs.setup`` changes process-wide state (the root logger, structlog's configuration, the
     redactor's secrets); all of it is put back afterwards so other tests are not affected.
     """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    lib_levels = {name: logging.getLogger(name).level for name in logs.LIBRARY_LOGGERS}
-    known_secrets = list(logs.REDACTOR.secrets)
-    logs.REDACTOR.secrets.clear()  # start from what each test configures, nothing else
-    structlog.contextvars.clear_contextvars()
+    with restored_logging():
+        logs.REDACTOR.secrets.clear()  # start from what each test configures, nothing else
+        structlog.contextvars.clear_contextvars()
 
-    def setup(fmt: str = "json", level: str = "info", secrets: tuple[str, ...] = ()) -> StringIO:
-        stream = StringIO()
-        logs.setup(level, fmt, secrets, stream=stream)
-        return stream
+        def setup(fmt: str = "json", level: str = "info",
+                  secrets: tuple[str, ...] = ()) -> StringIO:
+            stream = StringIO()
+            logs.setup(level, fmt, secrets, stream=stream)
+            return stream
 
-    yield setup
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    for name, lib_level in lib_levels.items():
-        logging.getLogger(name).setLevel(lib_level)
-    logs.REDACTOR.secrets[:] = known_secrets
-    structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
+        yield setup
 
 
 def lines(stream: StringIO) -> list[dict[str, Any]]:

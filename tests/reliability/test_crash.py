@@ -24,7 +24,7 @@ import pytest
 from labsync.testing.fake_qlab import FakeQlab, Fault
 from labsync.testing.pdfs import sample_pdf
 from tests.conftest import API_KEY
-from tests.helpers import RESULTS
+from tests.helpers import RESULTS, add_orders
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, write_config
 from tests.reliability.conftest import mail_counts, record, scaled
@@ -103,10 +103,7 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
     pdfs = {n: sample_pdf(f"Lab results {n}", size=300_000 if i % 5 == 0 else None)
             for i, n in enumerate(names)}
     pdf_dir = tmp_path / "pdfs"
-    with site.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO local_lab_orders (USER_ID, EXTERNAL_ORDER_ID, STATUS) VALUES "
-            + ", ".join(f"(7, '{n}', 'received')" for n in names))
+    add_orders(site, names)
     expected = {"expected_results": {n: 3 for n in names}, "expected_pdfs": pdfs}
     log_lines: list[dict] = []
     with FakeQlab(api_key=API_KEY, latency=0.15) as lis:

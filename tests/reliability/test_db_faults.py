@@ -24,7 +24,7 @@ from labsync.testing.fake_qlab import FakeQlab
 from labsync.testing.pdfs import sample_pdf
 from tests import mariadb_server
 from tests.conftest import API_KEY, add_order, make_config
-from tests.helpers import RESULTS, order_row, results
+from tests.helpers import RESULTS, add_orders, order_row, results
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, wait_until, write_config
 from tests.reliability.conftest import record, run_pass_with
@@ -36,13 +36,6 @@ def _completed(db) -> int:
     return db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'")
 
 
-def _bulk_orders(db, names: list[str]) -> None:
-    with db.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO local_lab_orders (USER_ID, EXTERNAL_ORDER_ID, STATUS) VALUES "
-            + ", ".join(f"(7, '{n}', 'received')" for n in names))
-
-
 # -- a restart under sync-once --------------------------------------------------------------
 
 
@@ -52,7 +45,7 @@ def test_sync_once_through_a_mariadb_restart_exits_2_and_the_next_pass_finishes(
         pytest.skip("cannot restart the local MariaDB server here")
     names = [f"R-{i:04d}" for i in range(200)]
     pdfs = {n: sample_pdf(f"Lab results {n}") for n in names}
-    _bulk_orders(site, names)
+    add_orders(site, names)
     pdf_dir = tmp_path / "pdfs"
     with FakeQlab(api_key=API_KEY, latency=0.03) as lis:
         for name in names:
