@@ -38,6 +38,14 @@ class Applied:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _PageState:
+    """The bookkeeping ``age`` reads, as the page had it."""
+
+    FIRST_SEEN_AT: datetime | None
+    STALE_AT: datetime | None
+
+
 class OrderApplier:
     """Writes one order's new state, given what the LIS said about it."""
 
@@ -66,7 +74,7 @@ class OrderApplier:
     def apply(self, conn: Connection, order: orders.PendingOrder, lis_order: LisOrder,
               pdf: StagedPdf | None, now: datetime) -> Applied:
         """The order's transaction. ``now`` is UTC, naive."""
-        current, state = orders.lock_order(conn, order.id)
+        current, state, stored = orders.lock_order(conn, order.id)
         if (current is None or current.user_id != order.user_id
                 or current.external_id != order.external_id
                 or current.status not in (*orders.PENDING, None)):
@@ -98,8 +106,8 @@ class OrderApplier:
             rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
                                   fitter=self.fitter, pdf_path=pdf_path)
             applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
-            if rows or status is OrderStatus.COMPLETED or (state and state.RESULTS_COUNT):
-                changes = orders.write_results(conn, order.id, rows)
+            if rows or status is OrderStatus.COMPLETED or stored:
+                changes = orders.write_results(conn, order.id, rows, stored=stored > 0)
             else:  # still in the lab, nothing reported yet, nothing of ours stored: no work
                 changes = orders.ResultChanges()
             values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
@@ -123,12 +131,36 @@ class OrderApplier:
         orders.save_state(conn, order, now, values, exists=state is not None)
         return applied
 
+    def quiet(self, order: orders.PendingOrder, lis_order: LisOrder, now: datetime
+              ) -> orders.QuietPoll | None:
+        """The bookkeeping of a poll that changes nothing on the site, or None.
+
+        Most polls find an order still in the lab with nothing reported and nothing of
+        labsync's to undo. Such a poll writes at most the order's move to ``processing``,
+        which one conditional UPDATE can guard, so it needs no lock and no re-read:
+        ``orders.save_quiet`` records it with the other quiet polls of the page, guarded by
+        the claim. Anything else (results, an order turning stale) goes through ``apply``.
+        """
+        status = lis_order.status
+        if order.recheck or lis_order.results or order.results_count:
+            return None
+        if status not in (OrderStatus.RECEIVED, OrderStatus.PROCESSING):
+            return None
+        state = _PageState(order.first_seen_at, order.stale_at)
+        age = self.age(order, state, now)
+        if is_stale(age, self.stale_after) and order.stale_at is None:
+            return None  # marked stale once, with its admin-log line: apply does that
+        delay = poll_delay(age, interval=self.interval, stale_after=self.stale_after)
+        return orders.QuietPoll(order.id, order.external_id, order.user_id, status.value,
+                                now + delay, to_processing=(status is OrderStatus.PROCESSING
+                                                            and order.status != "processing"))
+
     # -- corrections ----------------------------------------------------------------------------
 
     def recheck(self, conn: Connection, order: orders.PendingOrder, lis_order: LisOrder,
                 pdf: StagedPdf | None, now: datetime) -> Applied:
         """A completed order asked again: apply a correction, if the LIS made one."""
-        current, state = orders.lock_order(conn, order.id)
+        current, state, stored = orders.lock_order(conn, order.id, recheck=True)
         if (current is None or state is None or current.status != "completed"
                 or current.user_id != order.user_id
                 or state.LEASE_OWNER not in (None, self.owner)):
@@ -152,7 +184,7 @@ class OrderApplier:
             rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
                                   fitter=self.fitter, pdf_path=pdf_path)
             applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
-            changes = orders.write_results(conn, order.id, rows)
+            changes = orders.write_results(conn, order.id, rows, stored=stored > 0)
             if changes.any:
                 version = (state.RESULTS_VERSION or 1) + 1
                 values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows),

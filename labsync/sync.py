@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from labsync.apply import Applied, OrderApplier
@@ -52,7 +52,7 @@ from labsync.model import LisOrder, OrderStatus
 from labsync.pdfs import PdfStore, StagedPdf, is_safe_name
 from labsync.store import bitrix, claims, orders
 from labsync.store.db import TextFitter, describe_db_error
-from labsync.store.tx import run_tx
+from labsync.store.tx import held_connection, run_tx
 
 log = structlog.get_logger("labsync.sync")
 
@@ -243,19 +243,54 @@ class SyncEngine:
 
     def _apply_all(self, futures: list[Future[_Observation]], summary: PassSummary,
                    stop: threading.Event) -> None:
-        for future in futures:
-            if stop.is_set() and future.cancel():
-                summary.skipped += 1
-                continue
-            obs = future.result()
-            if obs.skipped or isinstance(obs.error, LisAuthError) or (
-                    self._halted.is_set() and isinstance(obs.error, TransientLisError)):
-                self.pdfs.discard(obs.pdf)
-                summary.skipped += 1
-                continue
-            with structlog.contextvars.bound_contextvars(order=obs.order.external_id):
-                summary.count(self._apply(obs))
-            self.progress_at = time.monotonic()
+        """Apply a page's observations, in order, on one connection held for the page."""
+        quiet: list[orders.QuietPoll] = []
+        with held_connection(self.engine) as conn:
+            for future in futures:
+                if stop.is_set() and future.cancel():
+                    summary.skipped += 1
+                    continue
+                obs = future.result()
+                if obs.skipped or isinstance(obs.error, LisAuthError) or (
+                        self._halted.is_set() and isinstance(obs.error, TransientLisError)):
+                    self.pdfs.discard(obs.pdf)
+                    summary.skipped += 1
+                    continue
+                poll = None
+                if obs.error is None and obs.lis_order is not None:
+                    poll = self.applier.quiet(obs.order, obs.lis_order, self.now())
+                if poll is not None:
+                    quiet.append(poll)
+                    continue
+                with structlog.contextvars.bound_contextvars(order=obs.order.external_id):
+                    summary.count(self._apply(conn, obs))
+                self.progress_at = time.monotonic()
+            self._save_quiet(conn, quiet, summary)
+
+    def _save_quiet(self, conn: Connection, polls: list[orders.QuietPoll],
+                    summary: PassSummary) -> None:
+        """Record the page's quiet polls in one transaction (see ``OrderApplier.quiet``)."""
+        if not polls:
+            return
+        now = self.now()
+        try:
+            written = run_tx(conn, lambda conn: orders.save_quiet(
+                conn, polls, owner=self.owner, now_utc=now), retry=True)
+        except SQLAlchemyError as exc:
+            # Nothing was lost: these orders are asked again on the next pass.
+            log.error("orders.polls_not_recorded", orders=len(polls),
+                      error=describe_db_error(exc))
+            summary.skipped += len(polls)
+            return
+        for poll in polls:
+            log.info(f"order.{poll.lis_status}", order=poll.external_id, results=0,
+                     changed=False)
+        if written < len(polls):
+            log.warning("claims.lost", orders=len(polls) - written)
+        summary.checked += written
+        summary.pending += written
+        summary.skipped += len(polls) - written
+        self.progress_at = time.monotonic()
 
     # -- step 1: observe (worker threads) ---------------------------------------------------
 
@@ -294,16 +329,16 @@ class SyncEngine:
 
     # -- step 2: apply (the pass's thread) ----------------------------------------------------
 
-    def _apply(self, obs: _Observation) -> Applied:
+    def _apply(self, conn: Connection, obs: _Observation) -> Applied:
         order = obs.order
         if obs.error is not None:
-            self._record_failure(order, obs.error)
+            self._record_failure(conn, order, obs.error)
             return Applied("failed")
         lis_order = obs.lis_order
         assert lis_order is not None
         try:
             work = self.applier.recheck if order.recheck else self.applier.apply
-            applied = run_tx(self.engine, lambda conn: work(
+            applied = run_tx(conn, lambda conn: work(
                 conn, order, lis_order, obs.pdf, self.now()), retry=True)
         except StoreError:
             self.pdfs.discard(obs.pdf)
@@ -311,25 +346,27 @@ class SyncEngine:
         except (LabsyncError, SQLAlchemyError) as exc:
             self.pdfs.discard(obs.pdf)
             error = exc if isinstance(exc, LabsyncError) else StoreError(describe_db_error(exc))
-            self._record_failure(order, error)
+            self._record_failure(conn, order, error)
             return Applied("failed")
         except Exception as exc:  # a bug must not end the pass for every order
             log.exception("order.internal_error")
             self.pdfs.discard(obs.pdf)
-            self._record_failure(order, LabsyncError(f"internal error: {type(exc).__name__}"))
+            self._record_failure(conn, order,
+                                 LabsyncError(f"internal error: {type(exc).__name__}"))
             return Applied("failed")
         self.pdfs.discard(obs.pdf)  # a no-op once published; cleans up a skipped order's file
         for note in applied.notes:
             log.warning("result.value_fitted", detail=note)
         return applied
 
-    def _record_failure(self, order: orders.PendingOrder, error: LabsyncError) -> None:
+    def _record_failure(self, conn: Connection, order: orders.PendingOrder,
+                        error: LabsyncError) -> None:
         kind = getattr(error, "kind", "other")
         log.warning("order.failed", error_kind=kind, error=str(error)[:1000])
         if self.metrics is not None:
             self.metrics.lis_error(kind)
         try:
-            run_tx(self.engine, lambda conn: self.applier.record_failure(
+            run_tx(conn, lambda conn: self.applier.record_failure(
                 conn, order, error, self.now()), retry=True)
         except (StoreError, SQLAlchemyError) as exc:
             log.error("order.failure_not_recorded", error=str(exc))

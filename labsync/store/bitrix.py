@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from labsync.phpserial import serialize_strings
 from labsync.store.db import TextFitter
@@ -33,14 +33,16 @@ class SiteUser:
 
 
 def get_user(conn: Connection, user_id: int) -> SiteUser | None:
-    row = conn.execute(
-        select(b_user.c.ID, b_user.c.ACTIVE, b_user.c.EMAIL, b_user.c.NAME,
-               b_user.c.LAST_NAME, b_user.c.PERSONAL_BIRTHDAY).where(b_user.c.ID == user_id)
-    ).first()
+    row = conn.execute(_GET_USER, {"user_id": user_id}).first()
     if row is None:
         return None
     return SiteUser(id=row.ID, active=row.ACTIVE == "Y", email=(row.EMAIL or "").strip() or None,
                     name=row.NAME, last_name=row.LAST_NAME, birthday=row.PERSONAL_BIRTHDAY)
+
+
+_GET_USER = select(b_user.c.ID, b_user.c.ACTIVE, b_user.c.EMAIL, b_user.c.NAME,
+                   b_user.c.LAST_NAME, b_user.c.PERSONAL_BIRTHDAY
+                   ).where(b_user.c.ID == bindparam("user_id"))
 
 
 def queue_mail_event(
@@ -56,19 +58,21 @@ def queue_mail_event(
     """Insert one ``b_event`` row as ``CEvent::Send`` would; return its ID."""
     # Fit each value before serialising: the byte lengths inside C_FIELDS must stay true.
     fitted = {k: fitter.fit("b_event", "C_FIELDS", v)[0] or "" for k, v in fields.items()}
-    result = conn.execute(
-        insert(b_event).values(
-            EVENT_NAME=event_name,
-            LID=site_id,
-            C_FIELDS=serialize_strings(fitted),
-            DATE_INSERT=now_site.replace(microsecond=0),
-            SUCCESS_EXEC="N",
-            DUPLICATE=duplicate,
-        )
-    )
+    result = conn.execute(_INSERT_EVENT, {
+        "EVENT_NAME": event_name,
+        "LID": site_id,
+        "C_FIELDS": serialize_strings(fitted),
+        "DATE_INSERT": now_site.replace(microsecond=0),
+        "SUCCESS_EXEC": "N",
+        "DUPLICATE": duplicate,
+    })
     key = result.inserted_primary_key
     assert key is not None
     return int(key[0])
+
+
+# Built once: one is queued for every completed order (the columns come from the parameters).
+_INSERT_EVENT = insert(b_event)
 
 
 def add_event_log(

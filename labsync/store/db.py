@@ -6,6 +6,7 @@ mangles a value silently: labsync fits values itself (``TextFitter``) and says s
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,7 @@ class TextFitter:
 _PY_CODECS = {"latin1": "cp1252", "cp1251": "cp1251", "koi8r": "koi8_r", "ascii": "ascii"}
 
 
+@functools.cache
 def _column_length(table: str, column: str) -> int | None:
     col = metadata.tables[table].c[column]
     return col.type.length if isinstance(col.type, String) else None

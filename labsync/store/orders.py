@@ -9,9 +9,11 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Select,
     and_,
     bindparam,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -43,11 +45,11 @@ class PendingOrder:
     order_date: date | None
     recheck: bool = False
     results_hash: str | None = None
-
-
-def _order_from_row(row: Any) -> PendingOrder:
-    return PendingOrder(id=row.ID, external_id=row.EXTERNAL_ORDER_ID, user_id=row.USER_ID,
-                        status=row.STATUS, order_date=row.ORDER_DATE)
+    # labsync's bookkeeping as the page read it (None: labsync has not seen the order yet).
+    # Enough to poll a quiet order without re-reading it (``save_quiet``).
+    first_seen_at: datetime | None = None
+    stale_at: datetime | None = None
+    results_count: int | None = None
 
 
 def pending_page(
@@ -69,7 +71,7 @@ def pending_page(
                                   s.c.NEXT_POLL_AT.is_not(None), recheck_due))
     query = (
         select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
-               s.c.RESULTS_HASH)
+               s.c.RESULTS_HASH, s.c.FIRST_SEEN_AT, s.c.STALE_AT, s.c.RESULTS_COUNT)
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
         .where(o.c.ID > after_id, wanted,
                or_(s.c.LEASE_OWNER.is_(None), s.c.LEASE_UNTIL < now_utc))
@@ -78,34 +80,54 @@ def pending_page(
     )
     return [PendingOrder(id=r.ID, external_id=r.EXTERNAL_ORDER_ID, user_id=r.USER_ID,
                          status=r.STATUS, order_date=r.ORDER_DATE,
-                         recheck=r.STATUS == "completed", results_hash=r.RESULTS_HASH)
+                         recheck=r.STATUS == "completed", results_hash=r.RESULTS_HASH,
+                         first_seen_at=r.FIRST_SEEN_AT, stale_at=r.STALE_AT,
+                         results_count=r.RESULTS_COUNT)
             for r in conn.execute(query)]
 
 
-def lock_order(conn: Connection, order_id: int) -> tuple[PendingOrder | None, Any]:
+def lock_order(conn: Connection, order_id: int, *, recheck: bool = False
+               ) -> tuple[PendingOrder | None, Any, int]:
     """Re-read the order and its bookkeeping inside the caller's transaction, holding both
-    rows locked until commit (one round trip). The bookkeeping is None if there is none."""
-    row = conn.execute(_LOCK_ORDER, {"order_id": order_id}).first()
+    rows locked until commit (one round trip). The bookkeeping is None if there is none;
+    it has the columns a first completion reads, or with ``recheck`` those a correction
+    reads.
+
+    The third item is how many result rows the order has now, read under the order's
+    lock, which every labsync writer of its results holds first.
+    """
+    query, columns = (_LOCK_RECHECK, _RECHECK_STATE) if recheck else (_LOCK_ORDER, _STATE)
+    row = conn.execute(query, {"order_id": order_id}).first()
     if row is None:
-        return None, None
+        return None, None, 0
     state = None
     if row.s_ORDER_ID is not None:
-        state = _State(**{name: getattr(row, f"s_{name}") for name in _STATE_COLUMNS})
-    return _order_from_row(row), state
+        state = _State(**{name: getattr(row, f"s_{name}") for name in columns})
+    current = PendingOrder(id=order_id, external_id=row.EXTERNAL_ORDER_ID, user_id=row.USER_ID,
+                           status=row.STATUS, order_date=None)
+    return current, state, int(row.STORED_RESULTS or 0)
 
 
-# Built once: this runs for every order, and building a 30-column select each time cost
-# more CPU than executing it.
-_STATE_COLUMNS = tuple(c.name for c in labsync_orders.c)
-_LOCK_ORDER = (
-    select(local_lab_orders.c.ID, local_lab_orders.c.EXTERNAL_ORDER_ID,
-           local_lab_orders.c.USER_ID, local_lab_orders.c.STATUS, local_lab_orders.c.ORDER_DATE,
-           *[c.label(f"s_{c.name}") for c in labsync_orders.c])
-    .select_from(local_lab_orders.outerjoin(
-        labsync_orders, labsync_orders.c.ORDER_ID == local_lab_orders.c.ID))
-    .where(local_lab_orders.c.ID == bindparam("order_id"))
-    .with_for_update()
-)
+def _locking_select(state_columns: Sequence[str]) -> Select[Any]:
+    o, s, r = local_lab_orders, labsync_orders, local_lab_results
+    return (
+        select(o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS,
+               *[s.c[name].label(f"s_{name}") for name in state_columns],
+               select(func.count()).where(r.c.ORDER_ID == o.c.ID)
+               .scalar_subquery().label("STORED_RESULTS"))
+        .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
+        .where(o.c.ID == bindparam("order_id"))
+        .with_for_update()
+    )
+
+
+# Built once: these run for every order, and building them each time cost more CPU than
+# executing them. Narrow on purpose: the driver's CPU grows with every column returned.
+_STATE = ("ORDER_ID", "LEASE_OWNER", "POLLS", "FIRST_SEEN_AT", "STALE_AT", "NOTIFIED_AT")
+_RECHECK_STATE = ("ORDER_ID", "LEASE_OWNER", "POLLS", "COMPLETED_AT", "PDF_PATH",
+                  "RESULTS_VERSION", "UPDATE_NOTIFIED_VERSION")
+_LOCK_ORDER = _locking_select(_STATE)
+_LOCK_RECHECK = _locking_select(_RECHECK_STATE)
 
 
 class _State:
@@ -124,10 +146,15 @@ def find_order(conn: Connection, external_id: str) -> Any:
 def set_order_status(
     conn: Connection, order_id: int, status: str, synced_at: datetime | None
 ) -> None:
-    values: dict[str, Any] = {"STATUS": status}
+    params: dict[str, Any] = {"b_id": order_id, "STATUS": status}
     if synced_at is not None:
-        values["SYNCED_AT"] = synced_at.replace(microsecond=0)
-    conn.execute(update(local_lab_orders).where(local_lab_orders.c.ID == order_id).values(values))
+        params["SYNCED_AT"] = synced_at.replace(microsecond=0)
+    conn.execute(_UPDATE_ORDER, params)  # SET comes from the parameters' column names
+
+
+# The per-order statements are built once (see _LOCK_ORDER); each UPDATE's SET clause is
+# taken from the parameters given, which SQLAlchemy compiles once per set of columns.
+_UPDATE_ORDER = update(local_lab_orders).where(local_lab_orders.c.ID == bindparam("b_id"))
 
 
 # -- results --------------------------------------------------------------------------------
@@ -161,19 +188,16 @@ class ResultChanges:
 
 
 def write_results(
-    conn: Connection, order_id: int, rows: Sequence[Mapping[str, Any]]
+    conn: Connection, order_id: int, rows: Sequence[Mapping[str, Any]], *, stored: bool = True
 ) -> ResultChanges:
     """Make the order's result rows equal ``rows``: insert new tests, update changed ones in
     place, delete tests the LIS no longer lists (and twins an older agent left behind).
 
     Idempotent: the second call with the same rows changes nothing. New rows go in as one
-    multi-row INSERT.
+    multi-row INSERT. ``stored=False`` says the order has no rows now (``lock_order``
+    counted them under the order's lock), which saves reading them.
     """
-    r = local_lab_results
-    existing_rows = conn.execute(
-        select(r).where(r.c.ORDER_ID == order_id).order_by(r.c.ID).with_for_update()
-    ).mappings().all()
-    existing = _keyed([dict(row) for row in existing_rows])
+    existing = _keyed(_existing_results(conn, order_id)) if stored else {}
     wanted = _keyed(rows)
     to_insert = [dict(row, ORDER_ID=order_id) for k, row in wanted.items() if k not in existing]
     to_delete = [row["ID"] for k, row in existing.items() if k not in wanted]
@@ -184,13 +208,27 @@ def write_results(
             continue
         changed = {c: row[c] for c in RESULT_COLUMNS if old[c] != row[c]}
         if changed:
-            conn.execute(update(r).where(r.c.ID == old["ID"]).values(changed))
+            conn.execute(_UPDATE_RESULT, {"b_id": old["ID"], **changed})
             updated += 1
     if to_delete:
+        r = local_lab_results
         conn.execute(delete(r).where(r.c.ID.in_(to_delete)))
     if to_insert:
-        conn.execute(insert(r), to_insert)
+        conn.execute(_INSERT_RESULTS, to_insert)
     return ResultChanges(inserted=len(to_insert), updated=updated, deleted=len(to_delete))
+
+
+def _existing_results(conn: Connection, order_id: int) -> list[dict[str, Any]]:
+    return [dict(row) for row in conn.execute(_EXISTING_RESULTS, {"order_id": order_id})
+            .mappings()]
+
+
+_EXISTING_RESULTS = (
+    select(local_lab_results).where(local_lab_results.c.ORDER_ID == bindparam("order_id"))
+    .order_by(local_lab_results.c.ID).with_for_update()
+)
+_UPDATE_RESULT = update(local_lab_results).where(local_lab_results.c.ID == bindparam("b_id"))
+_INSERT_RESULTS = insert(local_lab_results)
 
 
 def result_rows(conn: Connection, order_id: int) -> list[Any]:
@@ -211,12 +249,69 @@ def save_state(
     *, exists: bool,
 ) -> None:
     """Insert or update the order's bookkeeping row. The caller holds the order's row lock."""
-    s = labsync_orders
     if exists:
-        conn.execute(update(s).where(s.c.ORDER_ID == order.id).values(dict(values)))
+        conn.execute(_UPDATE_STATE, {"b_order_id": order.id, **values})
     else:
-        conn.execute(insert(s).values(ORDER_ID=order.id, EXTERNAL_ORDER_ID=order.external_id,
-                                      FIRST_SEEN_AT=now_utc, **values))
+        conn.execute(_INSERT_STATE, {"ORDER_ID": order.id, "EXTERNAL_ORDER_ID": order.external_id,
+                                     "FIRST_SEEN_AT": now_utc, **values})
+
+
+def save_quiet(conn: Connection, polls: Sequence[QuietPoll], *, owner: str, now_utc: datetime
+               ) -> int:
+    """Record polls that changed nothing but the order's status, in one statement batch each.
+
+    Every write holds only while ``owner`` still has the order's claim, so no lock or
+    re-read is needed: an order another instance took meanwhile is left to it. A status
+    moves from ``received`` (or none) to ``processing`` only while the order is still the
+    same user's order in that state. Returns how many bookkeeping rows were written.
+    """
+    if not polls:
+        return 0
+    moves = [{"b_id": p.order_id, "b_user_id": p.user_id, "b_external_id": p.external_id,
+              "b_owner": owner} for p in polls if p.to_processing]
+    if moves:
+        conn.execute(_QUIET_TO_PROCESSING, moves)
+    result = conn.execute(_QUIET_POLL, [
+        {"b_order_id": p.order_id, "b_owner": owner, "b_now": now_utc,
+         "b_lis_status": p.lis_status, "b_next": p.next_poll_at} for p in polls])
+    return int(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class QuietPoll:
+    """An order the LIS still has in hand, with no results: when to ask again, and whether
+    the site should now show it as ``processing``."""
+
+    order_id: int
+    external_id: str
+    user_id: int
+    lis_status: str
+    next_poll_at: datetime
+    to_processing: bool = False
+
+
+_UPDATE_STATE = update(labsync_orders).where(labsync_orders.c.ORDER_ID == bindparam("b_order_id"))
+_INSERT_STATE = insert(labsync_orders)
+_QUIET_POLL = (
+    update(labsync_orders)
+    .where(labsync_orders.c.ORDER_ID == bindparam("b_order_id"),
+           labsync_orders.c.LEASE_OWNER == bindparam("b_owner"))
+    .values(LAST_POLL_AT=bindparam("b_now"), POLLS=labsync_orders.c.POLLS + 1, FAILURES=0,
+            LIS_STATUS=bindparam("b_lis_status"), NEXT_POLL_AT=bindparam("b_next"),
+            LEASE_OWNER=None, LEASE_UNTIL=None)
+)
+_QUIET_TO_PROCESSING = (
+    update(local_lab_orders)
+    .where(local_lab_orders.c.ID == bindparam("b_id"),
+           local_lab_orders.c.USER_ID == bindparam("b_user_id"),
+           local_lab_orders.c.EXTERNAL_ORDER_ID == bindparam("b_external_id"),
+           or_(local_lab_orders.c.STATUS == "received", local_lab_orders.c.STATUS.is_(None)),
+           select(labsync_orders.c.ORDER_ID)
+           .where(labsync_orders.c.ORDER_ID == bindparam("b_id"),
+                  labsync_orders.c.LEASE_OWNER == bindparam("b_owner"))
+           .exists())
+    .values(STATUS="processing")
+)
 
 
 def record_pass(conn: Connection, values: Mapping[str, Any]) -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import structlog
@@ -19,9 +20,13 @@ TX_ATTEMPTS = 3
 _T = TypeVar("_T")
 
 
-def run_tx(engine: Engine, work: Callable[[Connection], _T], *, retry: bool = False,
+def run_tx(bind: Engine | Connection, work: Callable[[Connection], _T], *, retry: bool = False,
            sleep: Callable[[float], Any] = time.sleep) -> _T:
-    """``work(conn)`` in one transaction.
+    """``work(conn)`` in one transaction, on a pooled connection or on ``bind`` itself.
+
+    A connection held across many transactions (the pass holds one per page) saves the
+    pool's checkout ping and reset for each; after a dropped connection it reconnects on
+    its next use.
 
     With ``retry``, a dropped connection or a deadlock/lock wait timeout reruns the whole
     transaction on a fresh connection (``work`` must be safe to rerun: it is, because the
@@ -31,7 +36,10 @@ def run_tx(engine: Engine, work: Callable[[Connection], _T], *, retry: bool = Fa
     attempts = TX_ATTEMPTS if retry else 1
     for attempt in range(1, attempts + 1):
         try:
-            with engine.begin() as conn:
+            if isinstance(bind, Connection):
+                with bind.begin():
+                    return work(bind)
+            with bind.begin() as conn:
                 return work(conn)
         except SQLAlchemyError as exc:
             kind = classify_db_error(exc)
@@ -43,3 +51,24 @@ def run_tx(engine: Engine, work: Callable[[Connection], _T], *, retry: bool = Fa
                 raise StoreError(describe_db_error(exc)) from exc
             raise
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def held_connection(engine: Engine, *, sleep: Callable[[float], Any] = time.sleep
+                    ) -> Iterator[Connection]:
+    """A connection to run many ``run_tx`` on, got with ``run_tx``'s retries for a dropped
+    connection; a database that stays unreachable raises ``StoreError``."""
+    for attempt in range(1, TX_ATTEMPTS + 1):
+        try:
+            conn = engine.connect()
+            break
+        except SQLAlchemyError as exc:
+            if classify_db_error(exc) != "disconnect":
+                raise
+            if attempt == TX_ATTEMPTS:
+                raise StoreError(describe_db_error(exc)) from exc
+            log.warning("db.retry", attempt=attempt, kind="disconnect",
+                        error=describe_db_error(exc))
+            sleep(0.5 * attempt)
+    with conn:
+        yield conn
