@@ -198,10 +198,12 @@ def _text(value: str, where: str) -> str:
     """``value`` as a plain ``str``, refusing what MySQL or a browser should never get."""
     if "\x00" in value:
         raise BadLisData(f"{where}: contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
-        raise BadLisData(f"{where}: not valid Unicode text") from None
+    # Only non-ASCII text can hold a lone surrogate; most values are ASCII and skip the copy.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
+            raise BadLisData(f"{where}: not valid Unicode text") from None
     return str(value)  # a JsonNumber becomes a plain str: the model holds text, nothing else
 
 
