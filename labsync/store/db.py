@@ -119,7 +119,9 @@ class TextFitter:
             return None, []
         notes: list[str] = []
         charset = self.charsets.get((table, column), "utf8mb4")
-        if charset in ("utf8", "utf8mb3"):
+        if charset in _HOLDS_ASCII and value.isascii():  # the common case, nothing to do
+            fitted = value
+        elif charset in ("utf8", "utf8mb3"):
             fitted = _ASTRAL.sub("\ufffd", value)
         elif charset in ("utf8mb4", "binary"):
             fitted = value
@@ -138,6 +140,8 @@ class TextFitter:
         return fitted, notes
 
 
+_HOLDS_ASCII = frozenset({"utf8", "utf8mb3", "utf8mb4", "binary", "cp1251", "latin1", "koi8r",
+                          "ascii"})
 _PY_CODECS = {"latin1": "cp1252", "cp1251": "cp1251", "koi8r": "koi8_r", "ascii": "ascii"}
 
 
