@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from labsync.errors import BadLisData, PdfError
 from labsync.lis.base import LisClient
@@ -45,12 +45,71 @@ class StagedPdf:
     published: bool = False
 
 
+PDF_MAGIC = b"%PDF-"
+
+
+class _Tally:
+    """The staged file as the adapter's sink: hashes and counts what is written to it.
+
+    An adapter writes the body in order, rewinding to the start (and truncating) before a
+    retry, which starts the count afresh. Anything else it does (a seek elsewhere, any
+    other method) leaves ``exact`` False, and the file is read back to be checked.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.exact = True
+
+    def write(self, data: bytes) -> int:
+        written = self._file.write(data)
+        if written != len(data):
+            self.exact = False
+        self.digest.update(data)
+        self.size += len(data)
+        return written
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._file.seek(offset, whence)
+        if position == 0:
+            self.digest, self.size = hashlib.sha256(), 0
+        else:
+            self.exact = False
+        return position
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._file.truncate(size)  # past what was counted: fstat tells at the check
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        self.exact = False
+        return getattr(self._file, name)
+
+
+def _read_back(file: BinaryIO) -> tuple[int, bytes, Any]:
+    """Size, first bytes and digest of the whole file, read from disk."""
+    file.seek(0)
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    while chunk := file.read(_CHUNK):
+        if not head:
+            head = chunk[: len(PDF_MAGIC)]
+        size += len(chunk)
+        digest.update(chunk)
+    return size, head, digest
+
+
 class PdfStore:
     """The PDF folder. ``stage`` may run in worker threads; ``publish`` and ``discard`` in one."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self._ready: set[Path] = set()  # folders made and checked this pass
 
     def final_path(self, user_id: int, external_id: str) -> Path:
         if not is_safe_name(external_id):
@@ -60,7 +119,13 @@ class PdfStore:
             raise PdfError(f"order {external_id}: USER_ID {user_id!r} is not a positive integer")
         return self.root / str(user_id) / f"{external_id}.pdf"
 
+    def new_pass(self) -> None:
+        """Check every folder again on its next use (its mode may have been changed)."""
+        self._ready.clear()
+
     def _folder(self, path: Path) -> None:
+        if path.parent in self._ready:
+            return
         for folder in (self.root, path.parent):
             try:
                 # parents too: pdf.dir may be a fresh path (each made 0750 like the rest)
@@ -69,6 +134,7 @@ class PdfStore:
                     os.chmod(folder, DIR_MODE)
             except OSError as exc:
                 raise PdfError(f"cannot create PDF folder {folder}: {exc.strerror}") from exc
+        self._ready.add(path.parent)  # a patient's forms come in a row: check once a pass
 
     def stage(self, user_id: int, external_id: str, lis: LisClient) -> StagedPdf:
         """Download the order's PDF into a temporary file beside its final place, and check it."""
@@ -77,17 +143,22 @@ class PdfStore:
         try:
             fd, name = tempfile.mkstemp(prefix=f".{external_id}.", suffix=TEMP_SUFFIX,
                                         dir=final.parent)
+        except FileNotFoundError:  # the folder went away since it was checked: once more
+            self._ready.discard(final.parent)
+            self._folder(final)
+            return self.stage(user_id, external_id, lis)
         except OSError as exc:
             raise PdfError(f"order {external_id}: cannot write in {final.parent}: "
                            f"{exc.strerror}") from exc
         temp = Path(name)
         try:
             os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "w+b") as sink:
+            with os.fdopen(fd, "w+b") as file:
+                sink = _Tally(file)
                 lis.fetch_pdf(external_id, sink, max_bytes=self.max_bytes)
-                sink.flush()
-                os.fsync(sink.fileno())
-                size, digest = self._check(sink, external_id)
+                file.flush()
+                os.fsync(file.fileno())
+                size, digest = self._check(file, sink, external_id)
             return StagedPdf(temp_path=temp, final_path=final, size=size, sha256=digest)
         except OSError as exc:
             temp.unlink(missing_ok=True)
@@ -96,18 +167,16 @@ class PdfStore:
             temp.unlink(missing_ok=True)
             raise
 
-    def _check(self, sink: BinaryIO, external_id: str) -> tuple[int, str]:
-        """Re-read what was written: a PDF header and a size under the cap, whatever the adapter."""
-        sink.seek(0)
-        digest = hashlib.sha256()
-        size = 0
-        head = b""
-        while chunk := sink.read(_CHUNK):
-            if not head:
-                head = chunk[:5]
-            size += len(chunk)
-            digest.update(chunk)
-        if head != b"%PDF-":
+    def _check(self, file: BinaryIO, sink: _Tally, external_id: str) -> tuple[int, str]:
+        """What was written, checked on disk: a PDF header and a size under the cap, whatever
+        the adapter. The digest and size counted while writing are used when the file on
+        disk agrees with them; otherwise the file is read back."""
+        fd = file.fileno()
+        if sink.exact and os.fstat(fd).st_size == sink.size:
+            size, head, digest = sink.size, os.pread(fd, len(PDF_MAGIC), 0), sink.digest
+        else:
+            size, head, digest = _read_back(file)
+        if head != PDF_MAGIC:
             raise BadLisData(f"order {external_id}: the PDF form is not a PDF")
         if size > self.max_bytes:
             raise BadLisData(f"order {external_id}: the PDF form is over {self.max_bytes} bytes")

@@ -159,6 +159,7 @@ class SyncEngine:
         self.applier.notifier.new_pass()
         self.busy, self.progress_at = True, started
         try:
+            self.pdfs.new_pass()
             swept = self.pdfs.sweep()
             if swept:
                 log.info("pdf.temp_swept", files=swept)

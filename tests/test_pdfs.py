@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import shutil
 import stat
 import time
 
@@ -101,3 +103,60 @@ def test_sweep_removes_only_old_temporary_files(tmp_path):
     os.utime(real, (past, past))
     assert store.sweep(older_than=3600) == 1
     assert not old.exists() and fresh.exists() and real.exists()
+
+
+class _OddLis:
+    """An adapter that writes its sink in ways the write-time count cannot follow."""
+
+    def __init__(self, how: str, body: bytes) -> None:
+        self.how, self.body = how, body
+
+    def fetch_pdf(self, external_id: str, sink: io.BufferedIOBase, *, max_bytes: int) -> int:
+        body = self.body
+        if self.how == "retry_without_truncate":  # a longer first try, rewound, not cut
+            sink.write(body + b"%%trailing junk from the first try")
+            sink.seek(0)
+            sink.write(body)
+        elif self.how == "patched_header":  # written, then its start overwritten in place
+            sink.write(b"XXXXX" + body[5:])
+            sink.seek(0)
+            sink.seek(0, os.SEEK_END)
+            sink.seek(0)
+            sink.write(b"<htm>")
+        elif self.how == "writelines":
+            sink.writelines([body[:10], body[10:]])
+        elif self.how == "retry_with_truncate":  # what HttpTransport.stream_to does
+            sink.write(b"%PDF-1.4 cut off")
+            sink.seek(0)
+            sink.truncate()
+            sink.write(body)
+        return len(body)
+
+
+@pytest.mark.parametrize("how", ["retry_without_truncate", "writelines", "retry_with_truncate"])
+def test_size_and_digest_are_those_of_the_file_on_disk_however_the_adapter_wrote(tmp_path, how):
+    store = PdfStore(tmp_path, max_bytes=100_000)
+    staged = store.stage(7, "A-1", _OddLis(how, sample_pdf()))
+    on_disk = staged.temp_path.read_bytes()
+    assert staged.size == len(on_disk)
+    assert staged.sha256 == hashlib.sha256(on_disk).hexdigest()
+    if how != "retry_without_truncate":
+        assert on_disk == sample_pdf()
+
+
+def test_a_header_overwritten_after_the_count_is_still_refused(tmp_path):
+    store = PdfStore(tmp_path, max_bytes=100_000)
+    with pytest.raises(BadLisData, match="not a PDF"):
+        store.stage(7, "A-1", _OddLis("patched_header", sample_pdf()))
+    assert list((tmp_path / "7").iterdir()) == []
+
+
+def test_a_pdf_folder_removed_during_a_pass_is_made_again(tmp_path):
+    store = PdfStore(tmp_path / "pdfs", max_bytes=10_000)
+    store.publish(store.stage(7, "A-1", _Lis(sample_pdf())))
+    shutil.rmtree(tmp_path / "pdfs")
+
+    path = store.publish(store.stage(7, "A-2", _Lis(sample_pdf())))
+
+    assert path.read_bytes() == sample_pdf()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
