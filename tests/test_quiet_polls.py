@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import event, insert
 
 from labsync.store import orders
 from labsync.store.tables import labsync_orders
@@ -119,3 +119,26 @@ def test_a_quiet_poll_moves_the_status_only_for_the_same_user_and_a_pending_orde
         state = _state(db, name)
         assert (state.POLLS, state.LEASE_OWNER, state.LIS_STATUS) == (5, None, "processing")
         assert _as_datetime(state.NEXT_POLL_AT) == later
+
+
+def test_quiet_polls_due_in_the_same_minute_share_a_statement_and_keep_their_minute(db):
+    ids = [_claimed(db, f"Q-{n}", 7, owner="me") for n in range(3)]
+    dues = [START + timedelta(minutes=37, seconds=12), START + timedelta(minutes=37, seconds=58),
+            START + timedelta(hours=3, seconds=1)]
+    statements = []
+
+    def count(_conn, _cursor, statement, *_args):
+        if statement.lstrip().upper().startswith("UPDATE LABSYNC_ORDERS"):
+            statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        written = _save(db, *(orders.QuietPoll(i, f"Q-{n}", 7, "processing", due)
+                              for n, (i, due) in enumerate(zip(ids, dues, strict=True))))
+    finally:
+        event.remove(db.engine, "before_cursor_execute", count)
+
+    assert written == 3 and len(statements) == 2
+    got = [_as_datetime(_state(db, f"Q-{n}").NEXT_POLL_AT) for n in range(3)]
+    assert got == [START + timedelta(minutes=37), START + timedelta(minutes=37),
+                   START + timedelta(hours=3)]

@@ -258,23 +258,34 @@ def save_state(
 
 def save_quiet(conn: Connection, polls: Sequence[QuietPoll], *, owner: str, now_utc: datetime
                ) -> int:
-    """Record polls that changed nothing but the order's status, in one statement batch each.
+    """Record polls that changed nothing but the order's status, in a few statements.
 
     Every write holds only while ``owner`` still has the order's claim, so no lock or
     re-read is needed: an order another instance took meanwhile is left to it. A status
     moves from ``received`` (or none) to ``processing`` only while the order is still the
-    same user's order in that state. Returns how many bookkeeping rows were written.
+    same user's order in that state. The bookkeeping goes out as one UPDATE per LIS status
+    and minute of the next poll (next polls are rounded down to the minute for that).
+    Returns how many bookkeeping rows were written.
     """
-    if not polls:
-        return 0
     moves = [{"b_id": p.order_id, "b_user_id": p.user_id, "b_external_id": p.external_id,
               "b_owner": owner} for p in polls if p.to_processing]
     if moves:
         conn.execute(_QUIET_TO_PROCESSING, moves)
-    result = conn.execute(_QUIET_POLL, [
-        {"b_order_id": p.order_id, "b_owner": owner, "b_now": now_utc,
-         "b_lis_status": p.lis_status, "b_next": p.next_poll_at} for p in polls])
-    return int(result.rowcount)
+    groups: dict[tuple[str, datetime], list[int]] = {}
+    for p in polls:
+        due = p.next_poll_at.replace(second=0, microsecond=0)
+        groups.setdefault((p.lis_status, due), []).append(p.order_id)
+    written = 0
+    for (lis_status, due), ids in groups.items():
+        for start in range(0, len(ids), _IN_LIST):
+            result = conn.execute(_QUIET_POLL, {
+                "b_ids": ids[start:start + _IN_LIST], "b_owner": owner, "b_now": now_utc,
+                "b_lis_status": lis_status, "b_next": due})
+            written += int(result.rowcount)
+    return written
+
+
+_IN_LIST = 500  # order ids per statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +305,7 @@ _UPDATE_STATE = update(labsync_orders).where(labsync_orders.c.ORDER_ID == bindpa
 _INSERT_STATE = insert(labsync_orders)
 _QUIET_POLL = (
     update(labsync_orders)
-    .where(labsync_orders.c.ORDER_ID == bindparam("b_order_id"),
+    .where(labsync_orders.c.ORDER_ID.in_(bindparam("b_ids", expanding=True)),
            labsync_orders.c.LEASE_OWNER == bindparam("b_owner"))
     .values(LAST_POLL_AT=bindparam("b_now"), POLLS=labsync_orders.c.POLLS + 1, FAILURES=0,
             LIS_STATUS=bindparam("b_lis_status"), NEXT_POLL_AT=bindparam("b_next"),

@@ -191,8 +191,12 @@ def test_a_read_only_pdf_folder_leaves_completed_orders_pending(site, tmpfs):
 def test_a_full_disk_leaves_the_order_pending_and_the_small_pdfs_go_on(site, tmpfs):
     with FakeQlab(api_key=API_KEY) as lis:
         pdfs = _seed(site, lis)  # V-1's PDF is 2 MiB, the tmpfs 1 MiB
+        # One worker: with several, a small form staged while V-1's part-written file
+        # fills the tmpfs fails too (and waits for the next pass, as it should), which
+        # would make the counts below depend on timing.
+        one_at_a_time = {"max_concurrency": 1}
 
-        summary = run_pass_with(make_config(site, lis, tmpfs))
+        summary = run_pass_with(make_config(site, lis, tmpfs, lis=one_at_a_time))
 
         assert (summary.completed, summary.failed, summary.pending) == (4, 1, 1), summary
         error = _assert_victim_untouched(site, tmpfs, "No space left on device")
@@ -200,7 +204,7 @@ def test_a_full_disk_leaves_the_order_pending_and_the_small_pdfs_go_on(site, tmp
         check_invariants(site, tmpfs, expected_results={**{k: 3 for k in pdfs}, "P-1": 0},
                          expected_pdfs=pdfs)
         _remount(tmpfs, "size=8m")
-        again = run_pass_with(make_config(site, lis, tmpfs))
+        again = run_pass_with(make_config(site, lis, tmpfs, lis=one_at_a_time))
     assert again.completed == 1
     counts = check_invariants(site, tmpfs, expected_results={**{k: 3 for k in pdfs}, "P-1": 0},
                               expected_pdfs=pdfs)
