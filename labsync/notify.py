@@ -83,6 +83,7 @@ class BitrixNotifier:
         if user is None:
             assert refused is not None
             return refused
+        assert user.email is not None  # lookup() returns only users with an address
         fields = {
             "EMAIL": user.email,
             "NAME": user.name or "",

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from labsync.errors import BadLisData, PdfError
 from labsync.lis.base import LisClient
@@ -155,7 +155,7 @@ class PdfStore:
             os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "w+b") as file:
                 sink = _Tally(file)
-                lis.fetch_pdf(external_id, sink, max_bytes=self.max_bytes)
+                lis.fetch_pdf(external_id, cast(BinaryIO, sink), max_bytes=self.max_bytes)
                 file.flush()
                 os.fsync(file.fileno())
                 size, digest = self._check(file, sink, external_id)

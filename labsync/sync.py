@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import structlog
@@ -216,13 +217,13 @@ class SyncEngine:
         while True:
             now = self.now()
             since = now - timedelta(days=days) if days else None
-            page = run_tx(self.engine, lambda conn, after=after, now=now, since=since:
-                          orders.pending_page(conn, after_id=after, limit=size, now_utc=now,
-                                              due_only=due_only, recheck_since=since))
+            page = run_tx(self.engine, partial(
+                orders.pending_page, after_id=after, limit=size, now_utc=now, due_only=due_only,
+                recheck_since=since))
             if not page:
                 return
-            mine = run_tx(self.engine, lambda conn, page=page, now=now: claims.claim(
-                conn, page, owner=self.owner, now=now, until=now + lease), retry=True)
+            mine = run_tx(self.engine, partial(claims.claim, page=page, owner=self.owner, now=now,
+                                               until=now + lease), retry=True)
             self.progress_at = time.monotonic()
             yield [o for o in page if o.id in mine]
             after = page[-1].id

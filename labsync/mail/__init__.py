@@ -83,6 +83,7 @@ class SmtpNotifier:
         if user is None:
             assert refused is not None
             return refused
+        assert user.email is not None  # lookup() returns only users with an address
         context: dict[str, Any] = {
             "NAME": user.name or "", "LAST_NAME": user.last_name or "", "EMAIL": user.email,
             "ORDER_ID": external_id, "LOCAL_ORDER_ID": str(order_id),

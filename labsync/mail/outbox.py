@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, or_, select, update
+from sqlalchemy import Column, Connection, String, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from labsync.mail.templates import RenderedMail
@@ -45,7 +45,7 @@ def queue(
     values = {
         "ORDER_ID": order_id, "EXTERNAL_ORDER_ID": external_id, "KIND": kind,
         "VERSION": version, "RECIPIENT": recipient,
-        "SUBJECT": _cut(rendered.subject, t.c.SUBJECT.type.length),
+        "SUBJECT": _cut(rendered.subject, _length(t.c.SUBJECT)),
         "BODY_TEXT": rendered.text, "BODY_HTML": rendered.html,
         "MESSAGE_ID": message_id(order_id, kind, version, message_id_domain),
         "STATE": PENDING, "ATTEMPTS": 0, "NEXT_ATTEMPT_AT": None,
@@ -106,7 +106,7 @@ def mark_sent(conn: Connection, row_id: int, *, now: datetime) -> None:
 def mark_retry(conn: Connection, row_id: int, *, error: str, next_attempt_at: datetime) -> None:
     """This attempt failed, but a later one may succeed."""
     conn.execute(update(t).where(t.c.ID == row_id, t.c.STATE == PENDING).values(
-        ATTEMPTS=t.c.ATTEMPTS + 1, LAST_ERROR=_cut(error, t.c.LAST_ERROR.type.length),
+        ATTEMPTS=t.c.ATTEMPTS + 1, LAST_ERROR=_cut(error, _length(t.c.LAST_ERROR)),
         NEXT_ATTEMPT_AT=_whole(next_attempt_at)))
 
 
@@ -114,7 +114,7 @@ def mark_failed(conn: Connection, row_id: int, *, error: str) -> None:
     """The mail will never be sent: the server refused it for good, or attempts ran out."""
     conn.execute(update(t).where(t.c.ID == row_id, t.c.STATE == PENDING).values(
         STATE=FAILED, ATTEMPTS=t.c.ATTEMPTS + 1,
-        LAST_ERROR=_cut(error, t.c.LAST_ERROR.type.length), NEXT_ATTEMPT_AT=None))
+        LAST_ERROR=_cut(error, _length(t.c.LAST_ERROR)), NEXT_ATTEMPT_AT=None))
 
 
 def requeue_failed(conn: Connection, row_ids: Sequence[int] | None = None) -> int:
@@ -139,6 +139,10 @@ def _is_due(now: datetime) -> Any:
 
 def _whole(moment: datetime) -> datetime:
     return moment.replace(microsecond=0)
+
+
+def _length(column: Column[Any]) -> int | None:
+    return column.type.length if isinstance(column.type, String) else None
 
 
 def _cut(text: str, length: int | None) -> str:
