@@ -8,6 +8,7 @@ labsync's bookkeeping. Failures are recorded here too, in a transaction of their
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -36,6 +37,16 @@ class Applied:
     outcome: str  # completed | corrected | rechecked | cancelled | pending | skipped | failed
     events: int = 0
     notes: list[str] = field(default_factory=list)
+    lines: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # to log at commit
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A first completion the pass batches: the order, the LIS's answer, its staged form."""
+
+    order: orders.PendingOrder
+    lis_order: LisOrder
+    pdf: StagedPdf
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +86,11 @@ class OrderApplier:
               pdf: StagedPdf | None, now: datetime) -> Applied:
         """The order's transaction. ``now`` is UTC, naive."""
         current, state, stored = orders.lock_order(conn, order.id)
-        if (current is None or current.user_id != order.user_id
-                or current.external_id != order.external_id
-                or current.status not in (*orders.PENDING, None)):
-            log.info("order.changed_meanwhile", status=current and current.status)
+        if not self._still_ours(order, current, state):
             return Applied("skipped")
-        if state is not None and state.LEASE_OWNER not in (None, self.owner):
-            log.warning("order.lease_lost", holder=state.LEASE_OWNER)
-            return Applied("skipped")
+        assert current is not None
         now_site = self.site_time(now)
-        values: dict[str, Any] = {
-            "LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1, "FAILURES": 0,
-            "LIS_STATUS": lis_order.status.value, "LEASE_OWNER": None, "LEASE_UNTIL": None,
-        }
+        values = self._polled(state, lis_order, now)
         status = lis_order.status
         applied = Applied("pending")
         if status is OrderStatus.CANCELLED:
@@ -99,10 +102,7 @@ class OrderApplier:
             pdf_path = None
             if status is OrderStatus.COMPLETED:
                 assert pdf is not None
-                pdf_path = str(self.pdfs.publish(pdf))
-                values.update(PDF_PATH=pdf_path, PDF_SHA256=pdf.sha256, PDF_BYTES=pdf.size,
-                              COMPLETED_AT=now, RESULTS_VERSION=1,
-                              NEXT_POLL_AT=self._next_recheck(timedelta(0), now))
+                pdf_path = self._publish(pdf, values, now)
             rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
                                   fitter=self.fitter, pdf_path=pdf_path)
             applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
@@ -130,6 +130,87 @@ class OrderApplier:
             self._schedule(conn, order, state, now, values)
         orders.save_state(conn, order, now, values, exists=state is not None)
         return applied
+
+    def complete_batch(self, conn: Connection, batch: Sequence[Completion], now: datetime
+                       ) -> list[Applied]:
+        """First completions of several orders in ONE transaction: what ``apply`` writes for
+        each, with one statement for all their locks, one for all their result rows and one
+        for all their statuses. Their bookkeeping is one executemany; the mail events stay
+        one INSERT each, since each needs its own ID.
+
+        The pass batches only orders with no result rows of labsync's; one that turns out
+        to have rows (an older agent's) or no bookkeeping row yet goes through ``apply``,
+        in this same transaction. Log lines are returned in ``Applied.lines`` for the
+        caller to write once the transaction has committed.
+        """
+        locked = orders.lock_orders(conn, [c.order.id for c in batch])
+        now_site = self.site_time(now)
+        outcomes: list[Applied] = []
+        rows_of_all: list[dict[str, Any]] = []
+        completed: list[tuple[orders.PendingOrder, dict[str, Any]]] = []
+        for c in batch:
+            with structlog.contextvars.bound_contextvars(order=c.order.external_id):
+                outcomes.append(self._complete_one(conn, c, locked.get(c.order.id), now,
+                                                   now_site, rows_of_all, completed))
+        orders.insert_results(conn, rows_of_all)
+        orders.mark_completed(conn, [order.id for order, _ in completed], now_site)
+        orders.save_states(conn, completed)
+        return outcomes
+
+    def _complete_one(self, conn: Connection, c: Completion, locked: Any, now: datetime,
+                      now_site: datetime, rows_of_all: list[dict[str, Any]],
+                      completed: list[tuple[orders.PendingOrder, dict[str, Any]]]) -> Applied:
+        """One order of ``complete_batch``: its rows and bookkeeping join the batch's."""
+        current, state, stored = locked or (None, None, 0)
+        if stored or state is None:
+            return self.apply(conn, c.order, c.lis_order, c.pdf, now)
+        if not self._still_ours(c.order, current, state):
+            return Applied("skipped")
+        values = self._polled(state, c.lis_order, now)
+        pdf_path = self._publish(c.pdf, values, now)
+        rows, notes = to_rows(c.lis_order.results, zone=self.config.site.timezone,
+                              fitter=self.fitter, pdf_path=pdf_path)
+        rows_of_all.extend({**row, "ORDER_ID": c.order.id} for row in rows)
+        values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
+        applied = Applied("completed",
+                          notes=[f"test {n.test}, {n.column}: {n.change}" for n in notes])
+        if state.NOTIFIED_AT is None:
+            applied.events = self._notify(conn, c.order, now, now_site, values)
+        applied.lines.append(("order.completed", {
+            "order": c.order.external_id, "results": len(rows), "inserted": len(rows),
+            "updated": 0, "deleted": 0, "pdf": pdf_path,
+            "mail": values.get("MAIL_STATE", "sent before"),
+            "mail_event": values.get("MAIL_EVENT_ID")}))
+        completed.append((c.order, values))
+        return applied
+
+    def _still_ours(self, order: orders.PendingOrder, current: orders.PendingOrder | None,
+                    state: Any) -> bool:
+        """Under the order's lock: still pending, the same user's, and claimed by no one else."""
+        if (current is None or current.user_id != order.user_id
+                or current.external_id != order.external_id
+                or current.status not in (*orders.PENDING, None)):
+            log.info("order.changed_meanwhile", status=current and current.status)
+            return False
+        if state is not None and state.LEASE_OWNER not in (None, self.owner):
+            log.warning("order.lease_lost", holder=state.LEASE_OWNER)
+            return False
+        return True
+
+    def _polled(self, state: Any, lis_order: LisOrder, now: datetime) -> dict[str, Any]:
+        """The bookkeeping every answered poll writes."""
+        return {
+            "LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1, "FAILURES": 0,
+            "LIS_STATUS": lis_order.status.value, "LEASE_OWNER": None, "LEASE_UNTIL": None,
+        }
+
+    def _publish(self, pdf: StagedPdf, values: dict[str, Any], now: datetime) -> str:
+        """Move the form into place; a first completion's bookkeeping."""
+        pdf_path = str(self.pdfs.publish(pdf))
+        values.update(PDF_PATH=pdf_path, PDF_SHA256=pdf.sha256, PDF_BYTES=pdf.size,
+                      COMPLETED_AT=now, RESULTS_VERSION=1,
+                      NEXT_POLL_AT=self._next_recheck(timedelta(0), now))
+        return pdf_path
 
     def quiet(self, order: orders.PendingOrder, lis_order: LisOrder, now: datetime
               ) -> orders.QuietPoll | None:

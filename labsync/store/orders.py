@@ -108,15 +108,31 @@ def lock_order(conn: Connection, order_id: int, *, recheck: bool = False
     return current, state, int(row.STORED_RESULTS or 0)
 
 
-def _locking_select(state_columns: Sequence[str]) -> Select[Any]:
+def lock_orders(conn: Connection, order_ids: Sequence[int]
+                ) -> dict[int, tuple[PendingOrder, Any, int]]:
+    """``lock_order`` for several orders in one statement (locked in ID order), by ID.
+    An order that is gone is missing from the answer."""
+    locked: dict[int, tuple[PendingOrder, Any, int]] = {}
+    for row in conn.execute(_LOCK_ORDERS, {"order_ids": list(order_ids)}):
+        state = None
+        if row.s_ORDER_ID is not None:
+            state = _State(**{name: getattr(row, f"s_{name}") for name in _STATE})
+        current = PendingOrder(id=row.ID, external_id=row.EXTERNAL_ORDER_ID,
+                               user_id=row.USER_ID, status=row.STATUS, order_date=None)
+        locked[row.ID] = (current, state, int(row.STORED_RESULTS or 0))
+    return locked
+
+
+def _locking_select(state_columns: Sequence[str], which: Any) -> Select[Any]:
     o, s, r = local_lab_orders, labsync_orders, local_lab_results
     return (
-        select(o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS,
+        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS,
                *[s.c[name].label(f"s_{name}") for name in state_columns],
                select(func.count()).where(r.c.ORDER_ID == o.c.ID)
                .scalar_subquery().label("STORED_RESULTS"))
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
-        .where(o.c.ID == bindparam("order_id"))
+        .where(which)
+        .order_by(o.c.ID)
         .with_for_update()
     )
 
@@ -126,8 +142,11 @@ def _locking_select(state_columns: Sequence[str]) -> Select[Any]:
 _STATE = ("ORDER_ID", "LEASE_OWNER", "POLLS", "FIRST_SEEN_AT", "STALE_AT", "NOTIFIED_AT")
 _RECHECK_STATE = ("ORDER_ID", "LEASE_OWNER", "POLLS", "COMPLETED_AT", "PDF_PATH",
                   "RESULTS_VERSION", "UPDATE_NOTIFIED_VERSION")
-_LOCK_ORDER = _locking_select(_STATE)
-_LOCK_RECHECK = _locking_select(_RECHECK_STATE)
+_ONE = local_lab_orders.c.ID == bindparam("order_id")
+_LOCK_ORDER = _locking_select(_STATE, _ONE)
+_LOCK_RECHECK = _locking_select(_RECHECK_STATE, _ONE)
+_LOCK_ORDERS = _locking_select(_STATE, local_lab_orders.c.ID.in_(
+    bindparam("order_ids", expanding=True)))
 
 
 class _State:
@@ -231,6 +250,26 @@ _UPDATE_RESULT = update(local_lab_results).where(local_lab_results.c.ID == bindp
 _INSERT_RESULTS = insert(local_lab_results)
 
 
+def insert_results(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """New result rows (with their ORDER_ID), of any number of orders: one multi-row INSERT."""
+    if rows:
+        conn.execute(_INSERT_RESULTS, list(rows))
+
+
+def mark_completed(conn: Connection, order_ids: Sequence[int], synced_at: datetime) -> None:
+    """``STATUS='completed'`` and ``SYNCED_AT`` for orders the caller holds locked."""
+    if order_ids:
+        conn.execute(_COMPLETE_ORDERS, {"b_ids": list(order_ids),
+                                        "b_synced": synced_at.replace(microsecond=0)})
+
+
+_COMPLETE_ORDERS = (
+    update(local_lab_orders)
+    .where(local_lab_orders.c.ID.in_(bindparam("b_ids", expanding=True)))
+    .values(STATUS="completed", SYNCED_AT=bindparam("b_synced"))
+)
+
+
 def result_rows(conn: Connection, order_id: int) -> list[Any]:
     r = local_lab_results
     return list(conn.execute(select(r).where(r.c.ORDER_ID == order_id).order_by(r.c.TEST_NAME,
@@ -254,6 +293,17 @@ def save_state(
     else:
         conn.execute(_INSERT_STATE, {"ORDER_ID": order.id, "EXTERNAL_ORDER_ID": order.external_id,
                                      "FIRST_SEEN_AT": now_utc, **values})
+
+
+def save_states(conn: Connection, states: Sequence[tuple[PendingOrder, Mapping[str, Any]]]
+                ) -> None:
+    """Update several orders' bookkeeping rows (they exist, and the caller holds the orders'
+    locks): one executemany for each set of columns."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for order, values in states:
+        groups.setdefault(tuple(sorted(values)), []).append({"b_order_id": order.id, **values})
+    for params in groups.values():
+        conn.execute(_UPDATE_STATE, params)
 
 
 def save_quiet(conn: Connection, polls: Sequence[QuietPoll], *, owner: str, now_utc: datetime
