@@ -35,6 +35,21 @@ def _bench_databases() -> set[str]:
 
 
 @pytest.mark.mariadb
+def test_floor_benchmark_smoke_run_prints_every_figure(mariadb: Db):
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--requests", "5", "--orders", "10",
+         "--admin-url", MARIADB_ADMIN_URL],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    figures = dict(line.rsplit("  ", 1) for line in finished.stdout.splitlines())
+    assert len(figures) == 9
+    assert all(float(value.split()[0]) > 0 for value in figures.values())
+    assert "observe step, 16 worker(s), per order (half with PDF)" in {
+        name.strip() for name in figures}
+
+
+@pytest.mark.mariadb
 @pytest.mark.slow
 def test_benchmark_smoke_run_measures_both_and_checks_what_they_wrote(mariadb: Db, tmp_path):
     out = tmp_path / "report.json"
