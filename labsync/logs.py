@@ -76,6 +76,26 @@ class Redactor:
 REDACTOR = Redactor()
 
 
+class PoolResetFilter(logging.Filter):
+    """One warning line, not an error with a traceback, for a pooled connection that could
+    not be reset because the server dropped it.
+
+    SQLAlchemy's pool logs that ("Exception during reset or similar") at ERROR with the
+    whole traceback when a connection goes back to the pool after the server went away.
+    The pool discards the connection and the next use reconnects. Whatever the outage
+    broke is reported by labsync's own lines, once.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("sqlalchemy.pool") and record.exc_info:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (),
           stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib root logger. Safe to call again (tests, the demo)."""
@@ -106,6 +126,7 @@ def setup(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (),
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(PoolResetFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_labsync", False):

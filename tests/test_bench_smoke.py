@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from labsync import config as config_mod
 from labsync.app import open_app
 from labsync.testing.fake_qlab import FakeQlab, sample_results, seed_plan
-from tests.conftest import MARIADB_ADMIN_URL, Db, add_order, add_user, make_config
+from tests.conftest import API_KEY, MARIADB_ADMIN_URL, Db, add_order, add_user, make_config
 from tests.helpers import run_pass
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,18 +124,34 @@ def test_lis_requests_in_flight_never_exceed_max_concurrency(db, fake_lis, tmp_p
     assert fake_lis.max_in_flight == 3  # reached, never passed
 
 
-def test_lis_requests_keep_to_max_rps_under_load(db, fake_lis, tmp_path):
+def test_lis_requests_keep_to_max_rps_under_load(db, tmp_path):
+    """The fake runs in a process of its own: in this one, its arrival times would wait for
+    the GIL behind labsync's threads and bunch up, which is not what an LIS sees."""
     rps, orders = 20.0, 20
-    fake_lis.latency = 0.02
-    _orders(db, fake_lis, orders, completed_every=1)  # results and PDF: 40 requests
-    config = make_config(db, fake_lis, tmp_path / "pdfs",
-                         lis={"max_rps": rps, "max_concurrency": 8})
-
-    with open_app(config) as app:  # the real client: its rate limiter really sleeps
-        summary = app.sync.run_pass(due_only=False)
+    add_user(db, 7)
+    for external_id, _completed in seed_plan(orders, prefix="CAP-", completed_ratio=1.0):
+        add_order(db, external_id, 7)
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "labsync.testing.fake_qlab", "--port", "0", "--api-key",
+         API_KEY, "--orders", str(orders), "--prefix", "CAP-", "--completed-ratio", "1",
+         "--results", "3", "--latency", "0.02", "--stats", "--times"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None
+        base_url = fake.stdout.readline().strip()
+        config = config_mod.from_mapping({
+            "database": {"url": db.url}, "site": {"timezone": "Europe/Moscow"},
+            "lis": {"adapter": "qlab", "base_url": base_url, "api_key": API_KEY,
+                    "max_rps": rps, "max_concurrency": 8},
+            "pdf": {"dir": str(tmp_path / "pdfs")}, "notify": {"site_id": "s1"}}, env={})
+        with open_app(config) as app:  # the real client: its rate limiter really sleeps
+            summary = app.sync.run_pass(due_only=False)
+    finally:
+        fake.terminate()
+        stats = json.loads(fake.communicate(timeout=30)[0].splitlines()[-1])
 
     assert (summary.completed, summary.failed) == (orders, 0)
-    starts = sorted(fake_lis.request_times)
+    starts = sorted(stats["request_times"])
     assert len(starts) == 2 * orders
     # Eight workers would send all 40 in ~0.1 s; the cap spaces them 1/rps apart.
     assert starts[-1] - starts[0] >= (len(starts) - 1) / rps - 0.05

@@ -98,6 +98,9 @@ def test_a_second_signal_exits_at_once(site, tmp_path):
         try:
             wait_until(lambda: "pass.started" in (tmp_path / "run.log").read_text(), 30,
                        "the first pass")
+            # Requests in flight, each answered after 4 s: the pass cannot end before that.
+            # (Signalled any sooner, it could cancel every queued order and exit 0 first.)
+            wait_until(lambda: lis.in_flight > 0, 30, "the first LIS request")
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)  # the first one is being handled: the pass is winding down
             started = time.monotonic()

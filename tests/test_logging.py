@@ -350,3 +350,20 @@ def test_every_line_of_an_orders_work_carries_the_order_worker_threads_included(
     # The pass's own lines belong to no order: the binding does not leak between jobs.
     assert all("order" not in line for line in logged if line["event"].startswith("pass."))
     assert structlog.contextvars.get_contextvars() == {}
+
+
+def test_a_pool_reset_of_a_dropped_connection_is_one_warning_without_a_traceback(setup_logs):
+    stream = setup_logs(fmt="json")
+    try:
+        raise ConnectionError(2013, "Lost connection to MySQL server during query")
+    except ConnectionError:
+        logging.getLogger("sqlalchemy.pool.impl.QueuePool").error(
+            "Exception during reset or similar", exc_info=True)
+    logging.getLogger("sqlalchemy.engine").error("kept as it is", exc_info=False)
+
+    [pool, other] = lines(stream)
+    assert pool["level"] == "warning" and "exception" not in pool
+    assert pool["event"] == ("Exception during reset or similar: ConnectionError: "
+                             "[Errno 2013] Lost connection to MySQL server during query")
+    assert "Traceback" not in stream.getvalue()
+    assert (other["level"], other["event"]) == ("error", "kept as it is")

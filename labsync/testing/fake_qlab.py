@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     """Serve a seeded fake QLAB until Ctrl-C or SIGTERM.
 
     The first line on stdout is the base URL. With ``--stats``, one JSON line of counters
-    (``FakeQlab.counters``) follows when the server stops.
+    (``FakeQlab.counters``, with ``--times`` also ``request_times``) follows when the server
+    stops.
     """
     parser = argparse.ArgumentParser(
         prog="python -m labsync.testing.fake_qlab", description=__doc__.splitlines()[0]
@@ -494,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stats", action="store_true", help="print the request counters as JSON on exit"
     )
+    parser.add_argument(
+        "--times", action="store_true",
+        help="with --stats: also each request's arrival (time.monotonic(), this machine's clock)"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.completed_ratio <= 1:
         parser.error("--completed-ratio must be between 0 and 1")
@@ -516,7 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     if on_main:
         signal.signal(signal.SIGTERM, previous)
     if args.stats:
-        sys.stdout.write(json.dumps(fake.counters()) + "\n")
+        counters = fake.counters()
+        if args.times:
+            counters["request_times"] = list(fake.request_times)
+        sys.stdout.write(json.dumps(counters) + "\n")
         sys.stdout.flush()
     return 0
 
