@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 
 from bench.perf import ADMIN_URL, FakeLis, scratch_database
 from labsync.config import DatabaseConfig, LisConfig, Secret
+from labsync.lis.http import HttpTransport
 from labsync.lis.qlab import QlabClient
 from labsync.model import OrderStatus
 from labsync.pdfs import PdfStore
@@ -66,8 +67,9 @@ def http_figures(base_url: str, api_key: str, ids: list[str], count: int) -> dic
     session.trust_env = False
     session.headers.update(headers)
     pool = urllib3.PoolManager(maxsize=4)
-    client = QlabClient(LisConfig(adapter="qlab", base_url=base_url, api_key=Secret(api_key)))
-    transport = client._http  # its own GET, without the parsing
+    client_config = LisConfig(adapter="qlab", base_url=base_url, api_key=Secret(api_key))
+    client = QlabClient(client_config)
+    transport = HttpTransport(client_config)  # a GET and its JSON, without the validation
 
     def via_request(i: int) -> None:
         url = f"{base_url}/orders/{ids[i % len(ids)]}/results"
@@ -92,6 +94,7 @@ def http_figures(base_url: str, api_key: str, ids: list[str], count: int) -> dic
         "QlabClient.fetch_order (GET, JSON, validation)": per_call(
             lambda i: client.fetch_order(ids[i % len(ids)]), count),
     }
+    transport.close()
     client.close()
     return figures
 

@@ -49,14 +49,6 @@ class Completion:
     pdf: StagedPdf
 
 
-@dataclass(frozen=True, slots=True)
-class _PageState:
-    """The bookkeeping ``age`` reads, as the page had it."""
-
-    FIRST_SEEN_AT: datetime | None
-    STALE_AT: datetime | None
-
-
 class OrderApplier:
     """Writes one order's new state, given what the LIS said about it."""
 
@@ -227,8 +219,7 @@ class OrderApplier:
             return None
         if status not in (OrderStatus.RECEIVED, OrderStatus.PROCESSING):
             return None
-        state = _PageState(order.first_seen_at, order.stale_at)
-        age = self.age(order, state, now)
+        age = self.age(order, order.first_seen_at, now)
         if is_stale(age, self.stale_after) and order.stale_at is None:
             return None  # marked stale once, with its admin-log line: apply does that
         delay = poll_delay(age, interval=self.interval, stale_after=self.stale_after)
@@ -303,7 +294,7 @@ class OrderApplier:
     def _schedule(self, conn: Connection, order: orders.PendingOrder, state: Any,
                   now: datetime, values: dict[str, Any]) -> None:
         """Set the next poll by the order's age; mark it stale once when it is too old."""
-        age = self.age(order, state, now)
+        age = self.age(order, state.FIRST_SEEN_AT if state else None, now)
         values["NEXT_POLL_AT"] = now + poll_delay(age, interval=self.interval,
                                                   stale_after=self.stale_after)
         if is_stale(age, self.stale_after) and (state is None or state.STALE_AT is None):
@@ -326,7 +317,8 @@ class OrderApplier:
         state = orders.get_state(conn, order.id)
         failures = (state.FAILURES if state else 0) + 1
         delay = max(failure_delay(failures),
-                    poll_delay(self.age(order, state, now), interval=self.interval,
+                    poll_delay(self.age(order, state.FIRST_SEEN_AT if state else None, now),
+                               interval=self.interval,
                                stale_after=self.stale_after))
         orders.save_state(conn, order, now, {
             "LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1,
@@ -348,7 +340,8 @@ class OrderApplier:
         zone = self.config.site.timezone
         return now_utc.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
 
-    def age(self, order: orders.PendingOrder, state: Any, now: datetime) -> timedelta:
+    def age(self, order: orders.PendingOrder, first_seen: datetime | None, now: datetime
+            ) -> timedelta:
         """How long the order has been waiting, for the polling schedule.
 
         Counted from when labsync first saw it (within one pass of its arrival):
@@ -357,7 +350,6 @@ class OrderApplier:
         day before labsync first saw it (a backlog labsync found when it was installed)
         counts from its date instead.
         """
-        first_seen = state.FIRST_SEEN_AT if state is not None else None
         start = first_seen or now
         if order.order_date is not None:
             midnight = datetime.combine(order.order_date, time(), self.config.site.timezone)

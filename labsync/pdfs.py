@@ -141,12 +141,12 @@ class PdfStore:
         final = self.final_path(user_id, external_id)
         self._folder(final)
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{external_id}.", suffix=TEMP_SUFFIX,
-                                        dir=final.parent)
-        except FileNotFoundError:  # the folder went away since it was checked: once more
-            self._ready.discard(final.parent)
-            self._folder(final)
-            return self.stage(user_id, external_id, lis)
+            try:
+                fd, name = self._temp_file(final, external_id)
+            except FileNotFoundError:  # the folder went away since it was checked: once more
+                self._ready.discard(final.parent)
+                self._folder(final)
+                fd, name = self._temp_file(final, external_id)
         except OSError as exc:
             raise PdfError(f"order {external_id}: cannot write in {final.parent}: "
                            f"{exc.strerror}") from exc
@@ -166,6 +166,10 @@ class PdfStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+
+    @staticmethod
+    def _temp_file(final: Path, external_id: str) -> tuple[int, str]:
+        return tempfile.mkstemp(prefix=f".{external_id}.", suffix=TEMP_SUFFIX, dir=final.parent)
 
     def _check(self, file: BinaryIO, sink: _Tally, external_id: str) -> tuple[int, str]:
         """What was written, checked on disk: a PDF header and a size under the cap, whatever

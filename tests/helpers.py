@@ -68,6 +68,11 @@ def results(db: Any, external_id: str) -> list[Any]:
         return list(conn.execute(query))
 
 
+def completed_count(db: Any) -> int:
+    """How many of the site's orders are completed."""
+    return int(db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'"))
+
+
 def order_row(db: Any, external_id: str) -> Any:
     return db.rows("SELECT * FROM local_lab_orders WHERE EXTERNAL_ORDER_ID = :ext",
                    ext=external_id)[0]

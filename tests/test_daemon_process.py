@@ -11,7 +11,7 @@ import pytest
 from labsync.testing.fake_qlab import FakeQlab, Fault
 from labsync.testing.pdfs import sample_pdf
 from tests.conftest import API_KEY, add_order, add_user
-from tests.helpers import RESULTS
+from tests.helpers import RESULTS, completed_count
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, wait_until, write_config
 
@@ -23,10 +23,6 @@ def _seed(db, lis: FakeQlab, names: list[str], pdfs: dict[str, bytes]) -> None:
         add_order(db, name, 7)
         pdfs[name] = sample_pdf(f"Lab results {name}")
         lis.add_order(name, results=RESULTS, pdf=pdfs[name])
-
-
-def _completed(db) -> int:
-    return db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'")
 
 
 @pytest.fixture
@@ -45,9 +41,9 @@ def test_run_works_orders_off_picks_up_new_ones_and_stops_cleanly(site, tmp_path
                               sync={"interval": "1s"})
         proc = labsync(config, "run", log=tmp_path / "run.log")
         try:
-            wait_until(lambda: _completed(site) == 30, 30, "the first 30 orders")
+            wait_until(lambda: completed_count(site) == 30, 30, "the first 30 orders")
             _seed(site, lis, [f"N-{i}" for i in range(5)], pdfs)  # added while it runs
-            wait_until(lambda: _completed(site) == 35, 30, "the orders added later")
+            wait_until(lambda: completed_count(site) == 35, 30, "the orders added later")
             assert proc.poll() is None, "the daemon exited by itself"
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -70,7 +66,7 @@ def test_sigterm_mid_pass_exits_0_with_no_half_done_order(site, tmp_path):
                               lis={"max_concurrency": 4}, sync={"page_size": 50})
         proc = labsync(config, "run", log=tmp_path / "run.log")
         try:
-            wait_until(lambda: _completed(site) >= 20, 60, "the pass to get going")
+            wait_until(lambda: completed_count(site) >= 20, 60, "the pass to get going")
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -11,15 +11,11 @@ from labsync.testing.fake_qlab import FakeQlab
 from labsync.testing.pdfs import sample_pdf
 from tests import mariadb_server
 from tests.conftest import API_KEY, add_order, add_user, make_config
-from tests.helpers import RESULTS, add_orders, run_pass
+from tests.helpers import RESULTS, add_orders, completed_count, run_pass
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, wait_until, write_config
 
 pytestmark = pytest.mark.mariadb
-
-
-def _completed(db) -> int:
-    return db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'")
 
 
 @pytest.mark.slow
@@ -40,10 +36,11 @@ def test_daemon_survives_mariadb_restarting_mid_pass(mariadb, tmp_path):
                                                                 "page_size": 20})
         proc = labsync(config, "run", log=tmp_path / "run.log")
         try:
-            wait_until(lambda: _completed(mariadb) >= 30, 60, "the pass to get going")
+            wait_until(lambda: completed_count(mariadb) >= 30, 60, "the pass to get going")
             mariadb_server.restart(down_for=2)
             assert proc.poll() is None, "the daemon died with the database"
-            wait_until(lambda: _completed(mariadb) == 300, 120, "every order after the restart")
+            wait_until(lambda: completed_count(mariadb) == 300, 120,
+                       "every order after the restart")
         finally:
             if not mariadb_server.ping():
                 mariadb_server.start()

@@ -33,14 +33,23 @@ def run_tx(bind: Engine | Connection, work: Callable[[Connection], _T], *, retry
     failed attempt was rolled back). A database that stays unreachable raises
     ``StoreError``; other database errors pass through for the caller to confine.
     """
-    attempts = TX_ATTEMPTS if retry else 1
+
+    def one_transaction() -> _T:
+        if isinstance(bind, Connection):
+            with bind.begin():
+                return work(bind)
+        with bind.begin() as conn:
+            return work(conn)
+
+    return _retried(one_transaction, attempts=TX_ATTEMPTS if retry else 1, sleep=sleep)
+
+
+def _retried(action: Callable[[], _T], *, attempts: int, sleep: Callable[[float], Any]) -> _T:
+    """``action()``, again after a dropped connection or a lock error, up to ``attempts``
+    times; a database that stays unreachable raises ``StoreError``."""
     for attempt in range(1, attempts + 1):
         try:
-            if isinstance(bind, Connection):
-                with bind.begin():
-                    return work(bind)
-            with bind.begin() as conn:
-                return work(conn)
+            return action()
         except SQLAlchemyError as exc:
             kind = classify_db_error(exc)
             if kind != "other" and attempt < attempts:
@@ -58,17 +67,6 @@ def held_connection(engine: Engine, *, sleep: Callable[[float], Any] = time.slee
                     ) -> Iterator[Connection]:
     """A connection to run many ``run_tx`` on, got with ``run_tx``'s retries for a dropped
     connection; a database that stays unreachable raises ``StoreError``."""
-    for attempt in range(1, TX_ATTEMPTS + 1):
-        try:
-            conn = engine.connect()
-            break
-        except SQLAlchemyError as exc:
-            if classify_db_error(exc) != "disconnect":
-                raise
-            if attempt == TX_ATTEMPTS:
-                raise StoreError(describe_db_error(exc)) from exc
-            log.warning("db.retry", attempt=attempt, kind="disconnect",
-                        error=describe_db_error(exc))
-            sleep(0.5 * attempt)
+    conn = _retried(engine.connect, attempts=TX_ATTEMPTS, sleep=sleep)
     with conn:
         yield conn

@@ -24,7 +24,7 @@ import pytest
 from labsync.testing.fake_qlab import FakeQlab, Fault
 from labsync.testing.pdfs import sample_pdf
 from tests.conftest import API_KEY
-from tests.helpers import RESULTS, add_orders
+from tests.helpers import RESULTS, add_orders, completed_count
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, write_config
 from tests.reliability.conftest import mail_counts, record, scaled
@@ -34,10 +34,6 @@ pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
 SEED = 20261125
 MOMENTS = ("start-up", "after completions", "during a PDF download", "inside a transaction",
            "random time")
-
-
-def _completed(db) -> int:
-    return db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'")
 
 
 def _wait_for(condition, timeout: float) -> bool:
@@ -121,7 +117,7 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
             args = ("run",) if k % 3 == 2 else ("sync-once", "--all")
             log = tmp_path / f"kill-{k:02d}.log"
             moment = plan[k]
-            before = _completed(site)
+            before = completed_count(site)
             old_temps = set(temp_files(pdf_dir))
             holder = _hold_the_mail_queue(site) if moment == "inside a transaction" else None
             proc = labsync(config, *args, log=log)
@@ -143,7 +139,7 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
                               "temp_files": len(left), "pdf_before_commit": published_early,
                               "completed_total": counts["completed"]})
             time.sleep(1.1)  # the dead process's leases run out (sync.lease = 1s)
-        assert _completed(site) < count, "every order was done before the kills ended"
+        assert completed_count(site) < count, "every order was done before the kills ended"
 
         # Temporary files left by kills are swept once they are an hour old (another
         # instance may be writing a fresh one). Age them so the clean pass may sweep them.
@@ -154,7 +150,7 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
         lis.latency = 0.005
         lis.clear_faults()
         passes = 0
-        while _completed(site) < count and passes < 3:
+        while completed_count(site) < count and passes < 3:
             proc = labsync(config, "sync-once", "--all", log=tmp_path / f"clean-{passes}.log")
             assert proc.wait(timeout=300) == 0
             passes += 1

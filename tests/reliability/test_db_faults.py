@@ -24,16 +24,12 @@ from labsync.testing.fake_qlab import FakeQlab
 from labsync.testing.pdfs import sample_pdf
 from tests import mariadb_server
 from tests.conftest import API_KEY, add_order, make_config
-from tests.helpers import RESULTS, add_orders, order_row, results
+from tests.helpers import RESULTS, add_orders, completed_count, order_row, results
 from tests.invariants import check_invariants, temp_files
 from tests.processes import labsync, wait_until, write_config
 from tests.reliability.conftest import record, run_pass_with
 
 pytestmark = pytest.mark.mariadb
-
-
-def _completed(db) -> int:
-    return db.scalar("SELECT COUNT(*) FROM local_lab_orders WHERE STATUS = 'completed'")
 
 
 # -- a restart under sync-once --------------------------------------------------------------
@@ -55,7 +51,7 @@ def test_sync_once_through_a_mariadb_restart_exits_2_and_the_next_pass_finishes(
                               sync={"page_size": 10, "lease": "2s"})
         proc = labsync(config, "sync-once", log=tmp_path / "once.log")
         try:
-            wait_until(lambda: _completed(site) >= 20, 60, "the pass to get going")
+            wait_until(lambda: completed_count(site) >= 20, 60, "the pass to get going")
             mariadb_server.restart(down_for=3)
             code = proc.wait(timeout=120)
         finally:
@@ -129,14 +125,14 @@ def test_the_daemon_goes_on_when_wait_timeout_drops_its_idle_connections(
         drops = 0
         try:
             for round_ in range(1, 4):
-                wait_until(lambda r=round_: _completed(site) == 5 * r, 30, f"round {round_}")
+                wait_until(lambda r=round_: completed_count(site) == 5 * r, 30, f"round {round_}")
                 # Idle past wait_timeout: the server closes every connection of the pool.
                 wait_until(lambda: _connections_of(site, db_account) == 0, 10,
                            "the server to drop the idle connections")
                 drops += 1
                 for i in range(5):
                     add(f"W-{round_}-{i}")
-            wait_until(lambda: _completed(site) == 20, 30, "the last round")
+            wait_until(lambda: completed_count(site) == 20, 30, "the last round")
             assert proc.poll() is None, "the daemon died"
         finally:
             proc.send_signal(signal.SIGTERM)
