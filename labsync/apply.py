@@ -20,7 +20,7 @@ from labsync.config import Config
 from labsync.errors import LabsyncError
 from labsync.mail import SmtpNotifier
 from labsync.model import LisOrder, OrderStatus
-from labsync.notify import BitrixNotifier
+from labsync.notify import BitrixNotifier, ReadyOrder
 from labsync.pdfs import PdfStore, StagedPdf
 from labsync.polling import failure_delay, is_stale, poll_delay, recheck_delay
 from labsync.results import results_hash, to_rows
@@ -37,7 +37,8 @@ class Applied:
     outcome: str  # completed | corrected | rechecked | cancelled | pending | skipped | failed
     events: int = 0
     notes: list[str] = field(default_factory=list)
-    lines: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # to log at commit
+    # (level, event, fields) to log once the transaction has committed
+    lines: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,17 @@ class Completion:
     order: orders.PendingOrder
     lis_order: LisOrder
     pdf: StagedPdf
+
+
+@dataclass(slots=True)
+class _Done:
+    """An order ``complete_batch`` completes: what the batch's shared statements write."""
+
+    order: orders.PendingOrder
+    values: dict[str, Any]  # its bookkeeping
+    applied: Applied
+    results: int
+    notify: bool  # its ready mail is still to be queued
 
 
 class OrderApplier:
@@ -126,9 +138,9 @@ class OrderApplier:
     def complete_batch(self, conn: Connection, batch: Sequence[Completion], now: datetime
                        ) -> list[Applied]:
         """First completions of several orders in ONE transaction: what ``apply`` writes for
-        each, with one statement for all their locks, one for all their result rows and one
-        for all their statuses. Their bookkeeping is one executemany; the mail events stay
-        one INSERT each, since each needs its own ID.
+        each, with one statement for all their locks, one for their users, one for their
+        result rows, one for their statuses and one for their bookkeeping. Their mails are
+        one INSERT too where the database returns each row's ID (``orders_ready``).
 
         The pass batches only orders with no result rows of labsync's; one that turns out
         to have rows (an older agent's) or no bookkeeping row yet goes through ``apply``,
@@ -139,19 +151,25 @@ class OrderApplier:
         now_site = self.site_time(now)
         outcomes: list[Applied] = []
         rows_of_all: list[dict[str, Any]] = []
-        completed: list[tuple[orders.PendingOrder, dict[str, Any]]] = []
+        done: list[_Done] = []
         for c in batch:
             with structlog.contextvars.bound_contextvars(order=c.order.external_id):
                 outcomes.append(self._complete_one(conn, c, locked.get(c.order.id), now,
-                                                   now_site, rows_of_all, completed))
+                                                   rows_of_all, done))
+        self._notify_all(conn, [d for d in done if d.notify], now, now_site)
         orders.insert_results(conn, rows_of_all)
-        orders.mark_completed(conn, [order.id for order, _ in completed], now_site)
-        orders.save_states(conn, completed)
+        orders.mark_completed(conn, [d.order.id for d in done], now_site)
+        orders.save_states(conn, [(d.order, d.values) for d in done], now)
+        for d in done:
+            d.applied.lines.append(("info", "order.completed", {
+                "order": d.order.external_id, "results": d.results, "inserted": d.results,
+                "updated": 0, "deleted": 0, "pdf": d.values["PDF_PATH"],
+                "mail": d.values.get("MAIL_STATE", "sent before"),
+                "mail_event": d.values.get("MAIL_EVENT_ID")}))
         return outcomes
 
     def _complete_one(self, conn: Connection, c: Completion, locked: Any, now: datetime,
-                      now_site: datetime, rows_of_all: list[dict[str, Any]],
-                      completed: list[tuple[orders.PendingOrder, dict[str, Any]]]) -> Applied:
+                      rows_of_all: list[dict[str, Any]], done: list[_Done]) -> Applied:
         """One order of ``complete_batch``: its rows and bookkeeping join the batch's."""
         current, state, stored = locked or (None, None, 0)
         if stored or state is None:
@@ -166,15 +184,27 @@ class OrderApplier:
         values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
         applied = Applied("completed",
                           notes=[f"test {n.test}, {n.column}: {n.change}" for n in notes])
-        if state.NOTIFIED_AT is None:
-            applied.events = self._notify(conn, c.order, now, now_site, values)
-        applied.lines.append(("order.completed", {
-            "order": c.order.external_id, "results": len(rows), "inserted": len(rows),
-            "updated": 0, "deleted": 0, "pdf": pdf_path,
-            "mail": values.get("MAIL_STATE", "sent before"),
-            "mail_event": values.get("MAIL_EVENT_ID")}))
-        completed.append((c.order, values))
+        done.append(_Done(c.order, values, applied, len(rows),
+                          notify=state.NOTIFIED_AT is None))
         return applied
+
+    def _notify_all(self, conn: Connection, done: Sequence[_Done], now: datetime,
+                    now_site: datetime) -> None:
+        """The ready mails of a batch's orders (``_notify`` for each, in fewer statements)."""
+        if not done:
+            return
+        decisions = self.notifier.orders_ready(
+            conn, [ReadyOrder(d.order.id, d.order.external_id, d.order.user_id) for d in done],
+            now_site)
+        for d, decision in zip(done, decisions, strict=True):
+            d.values.update(MAIL_STATE=decision.state, MAIL_EVENT_ID=decision.event_id,
+                            NOTIFIED_AT=now)
+            if decision.event_id is None:
+                d.applied.lines.append(("warning", "mail.skipped", {
+                    "order": d.order.external_id, "reason": decision.state,
+                    "user_id": d.order.user_id}))
+            else:
+                d.applied.events = 1
 
     def _still_ours(self, order: orders.PendingOrder, current: orders.PendingOrder | None,
                     state: Any) -> bool:

@@ -321,8 +321,8 @@ class SyncEngine:
             return
         for obs, applied in zip(batch, outcomes, strict=True):
             self.pdfs.discard(obs.pdf)  # a no-op once published
-            for event, fields in applied.lines:
-                log.info(event, **fields)
+            for level, event, fields in applied.lines:
+                getattr(log, level)(event, **fields)
             for note in applied.notes:
                 log.warning("result.value_fitted", order=obs.order.external_id, detail=note)
             summary.count(applied)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -98,3 +99,12 @@ RESULTS = [
     {"code": "HIV", "name": "HIV 1/2 antibodies", "value": "negative", "unit": None,
      "ref_min": None, "ref_max": None, "abnormal": None, "result_date": "2026-11-20T10:00:00"},
 ]
+
+
+_FIELD = re.compile(r's:\d+:"([^"]*)";s:\d+:"([^"]*)";')
+
+
+def mail_fields(c_fields: str) -> dict[str, str]:
+    """A ``b_event.C_FIELDS`` of quote-free values as a dict (the PHP round trip is tested
+    with the real php-cli in test_phpserial.py)."""
+    return dict(_FIELD.findall(c_fields))

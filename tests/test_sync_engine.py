@@ -432,6 +432,7 @@ def test_an_error_inside_the_transaction_rolls_everything_back(db, fake_lis, con
         raise RuntimeError("simulated crash after the result rows were written")
 
     monkeypatch.setattr(BitrixNotifier, "order_ready", explode)
+    monkeypatch.setattr(BitrixNotifier, "orders_ready", explode)  # the batch's way
     assert run_pass(config).failed == 1
     assert results(db, "A-1") == [] and events(db) == []
     assert order_row(db, "A-1").STATUS == "received"

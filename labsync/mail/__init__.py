@@ -22,8 +22,10 @@ from labsync.mail.smtp_config import SmtpConfig, smtp_config_from
 from labsync.mail.templates import MailTemplates, RenderedMail
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from labsync.config import NotifyConfig
-    from labsync.notify import MailDecision
+    from labsync.notify import MailDecision, ReadyOrder
 
 __all__ = [
     "MailTemplates", "RenderedMail", "SmtpConfig", "SmtpNotifier", "smtp_config_from",
@@ -59,6 +61,14 @@ class SmtpNotifier:
         """Queue the "results are ready" mail, unless the user cannot receive it."""
         return self._queue(conn, "ready", 1, order_id=order_id, external_id=external_id,
                            user_id=user_id, now_site=now_site)
+
+    def orders_ready(self, conn: Connection, ready: Sequence[ReadyOrder], now_site: datetime
+                     ) -> list[MailDecision]:
+        """``order_ready`` for several orders in one transaction, their users read at once.
+        Each mail is rendered and queued on its own (its outbox row checks for a twin)."""
+        self.recipients.prefetch(conn, (r.user_id for r in ready))
+        return [self.order_ready(conn, order_id=r.order_id, external_id=r.external_id,
+                                 user_id=r.user_id, now_site=now_site) for r in ready]
 
     def order_updated(
         self, conn: Connection, *, order_id: int, external_id: str, user_id: int,

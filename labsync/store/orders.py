@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -20,6 +21,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects import mysql, sqlite
 
 from labsync.store.tables import labsync_orders, labsync_passes, local_lab_orders, local_lab_results
 
@@ -295,15 +297,44 @@ def save_state(
                                      "FIRST_SEEN_AT": now_utc, **values})
 
 
-def save_states(conn: Connection, states: Sequence[tuple[PendingOrder, Mapping[str, Any]]]
-                ) -> None:
+def save_states(conn: Connection, states: Sequence[tuple[PendingOrder, Mapping[str, Any]]],
+                now_utc: datetime) -> None:
     """Update several orders' bookkeeping rows (they exist, and the caller holds the orders'
-    locks): one executemany for each set of columns."""
+    locks): one statement for each set of columns.
+
+    On MySQL, MariaDB and SQLite that statement is a multi-row upsert, which the driver
+    sends as one statement where an executemany of UPDATEs is one statement per row. The
+    rows exist and are locked, so only its update part ever applies; its insert part is
+    what a new row would get (``save_state``), should one have gone meanwhile.
+    """
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for order, values in states:
-        groups.setdefault(tuple(sorted(values)), []).append({"b_order_id": order.id, **values})
-    for params in groups.values():
-        conn.execute(_UPDATE_STATE, params)
+        groups.setdefault(tuple(sorted(values)), []).append({
+            "ORDER_ID": order.id, "EXTERNAL_ORDER_ID": order.external_id,
+            "FIRST_SEEN_AT": now_utc, **values})
+    for columns, params in groups.items():
+        upsert = _upsert_states(conn.dialect.name, columns)
+        if upsert is not None:
+            conn.execute(upsert, params)
+            continue
+        conn.execute(_UPDATE_STATE, [
+            {"b_order_id": p["ORDER_ID"], **{c: p[c] for c in columns}} for p in params])
+
+
+@functools.cache
+def _upsert_states(dialect: str, columns: tuple[str, ...]) -> Any:
+    """``INSERT … ON DUPLICATE KEY UPDATE`` / ``ON CONFLICT DO UPDATE`` of ``columns``, or
+    None for a database with neither (built once per set of columns)."""
+    s = labsync_orders
+    if dialect in ("mysql", "mariadb"):
+        mysql_insert = mysql.insert(s)
+        return mysql_insert.on_duplicate_key_update(
+            {c: mysql_insert.inserted[c] for c in columns})
+    if dialect == "sqlite":
+        sqlite_insert = sqlite.insert(s)
+        return sqlite_insert.on_conflict_do_update(
+            index_elements=[s.c.ORDER_ID], set_={c: sqlite_insert.excluded[c] for c in columns})
+    return None
 
 
 def save_quiet(conn: Connection, polls: Sequence[QuietPoll], *, owner: str, now_utc: datetime
