@@ -628,8 +628,10 @@ def evaluate(report: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
                       "met": ratio <= 1.5})
     if labsync:
         worst = max(r["cpu_ms_per_completed"] or 0 for r in labsync)
+        repeats = len(runs[0].get("labsync_repeats") or [1])
+        which = "worst latency" if repeats == 1 else f"median of {repeats} runs, worst latency"
         found.append({"target": "labsync CPU ≤ 2 ms per completed order (net of start-up)",
-                      "measured": f"{worst:.2f} ms (worst run)", "met": worst <= 2})
+                      "measured": f"{worst:.2f} ms ({which})", "met": worst <= 2})
     if report.get("rss"):
         rss = report["rss"]["peak_rss_mb"]
         found.append({"target": f"peak RSS < 150 MB with {report['rss']['orders']:,} orders",
@@ -675,6 +677,13 @@ def render(report: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
+    for run in report["runs"]:
+        repeats = run.get("labsync_repeats") or []
+        if len(repeats) > 1:
+            out.append(f"labsync at {run['latency_s'] * 1000:g} ms, {len(repeats)} runs (the "
+                       "table shows the median by CPU): ms/completed " + ", ".join(
+                           f"{r['cpu_ms_per_completed']:.2f}" for r in repeats)
+                       + "; wall s " + ", ".join(f"{r['wall_s']:.1f}" for r in repeats))
     noop = report["noop"]
     out.append("ms/completed, ms/order: labsync's CPU (user+sys) net of a no-op sync-once, per "
                "completed order and per order asked")
@@ -729,8 +738,11 @@ def run_all(args: argparse.Namespace, engine: Engine, workdir: Path) -> dict[str
         run: dict[str, Any] = {"latency_s": latency, "baseline": None}
         if not args.skip_baseline:
             run["baseline"] = bench.run("baseline", latency=latency, concurrency=1, **common)
-        run["labsync"] = bench.run("labsync", latency=latency, concurrency=args.concurrency,
-                                   **common)
+        repeats = sorted((bench.run("labsync", latency=latency, concurrency=args.concurrency,
+                                    **common) for _ in range(args.repeat)),
+                         key=lambda r: r["cpu_ms_per_completed"] or 0)
+        run["labsync"] = repeats[len(repeats) // 2]  # the median run by CPU
+        run["labsync_repeats"] = [{key: r[key] for key in _REPEAT_KEYS} for r in repeats]
         if run["baseline"]:
             run["speedup"] = round(run["baseline"]["wall_s"] / run["labsync"]["wall_s"], 2)
         report["runs"].append(run)
@@ -746,6 +758,10 @@ def run_all(args: argparse.Namespace, engine: Engine, workdir: Path) -> dict[str
         report["rss"] = rss
     report["targets"] = evaluate(report, args.concurrency)
     return report
+
+
+_REPEAT_KEYS = ("wall_s", "cpu_s", "cpu_ms_per_completed", "cpu_ms_per_order", "little_ratio",
+                "pass_little_ratio", "ok")
 
 
 def _latencies(value: str) -> list[float]:
@@ -777,14 +793,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--skip-baseline", action="store_true", help="run labsync only")
     add("--profile", action="store_true", help="one more pass under cProfile; top items")
     add("--profile-top", type=int, default=15, help="items in the profile list (15)")
+    add("--repeat", type=int, default=3, metavar="N",
+        help="labsync passes per latency; the median by CPU is reported (3)")
     add("--py-spy", metavar="EXE", help="with --profile: also sample a pass with this py-spy")
     add("--noop-runs", type=int, default=3, help="no-op passes; the cheapest is subtracted (3)")
     add("--admin-url", default=ADMIN_URL, help="a MariaDB account that may create databases")
     add("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     add("--keep", action="store_true", help="keep the work folder (logs, PDFs, profile)")
     args = parser.parse_args(argv)
-    if args.orders < 1 or args.concurrency < 1 or args.noop_runs < 1:
-        parser.error("--orders, --concurrency and --noop-runs must be at least 1")
+    if args.orders < 1 or args.concurrency < 1 or args.noop_runs < 1 or args.repeat < 1:
+        parser.error("--orders, --concurrency, --noop-runs and --repeat must be at least 1")
     return args
 
 

@@ -59,7 +59,7 @@ def test_benchmark_smoke_run_measures_both_and_checks_what_they_wrote(mariadb: D
     finished = subprocess.run(
         [sys.executable, "-m", "bench.perf", "--orders", "40", "--latency", "0.01",
          "--concurrency", "4", "--pdf-size", "20000", "--rss-orders", "0", "--noop-runs", "1",
-         "--profile", "--profile-top", "5", "--admin-url", MARIADB_ADMIN_URL,
+         "--repeat", "2", "--profile", "--profile-top", "5", "--admin-url", MARIADB_ADMIN_URL,
          "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
 
@@ -84,6 +84,9 @@ def test_benchmark_smoke_run_measures_both_and_checks_what_they_wrote(mariadb: D
     assert labsync["pass"]["completed"] == 20 and labsync["pass"]["failed"] == 0
     assert labsync["cpu_ms_per_completed"] is not None and labsync["cpu_ms_per_completed"] >= 0
     assert run["speedup"] > 0
+    repeats = run["labsync_repeats"]
+    assert len(repeats) == 2 and all(r["ok"] for r in repeats)
+    assert labsync["cpu_ms_per_completed"] in [r["cpu_ms_per_completed"] for r in repeats]
     assert report["noop"]["cpu_s"] > 0
     assert report["rss"] is None
     assert report["profile"]["top"] and report["profile"]["profiled_cpu_s"] > 0

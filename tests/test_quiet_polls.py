@@ -142,3 +142,22 @@ def test_quiet_polls_due_in_the_same_minute_share_a_statement_and_keep_their_min
     got = [_as_datetime(_state(db, f"Q-{n}").NEXT_POLL_AT) for n in range(3)]
     assert got == [START + timedelta(minutes=37), START + timedelta(minutes=37),
                    START + timedelta(hours=3)]
+
+
+def test_one_statement_moves_each_order_by_its_own_claim_and_identity(db):
+    """The moves of a page go out as one UPDATE: each order is still checked on its own."""
+    mine = _claimed(db, "Q-1", 7, owner="me")
+    theirs = _claimed(db, "Q-2", 7, owner="other")
+    renamed = _claimed(db, "Q-3", 7, owner="me")
+    also_mine = _claimed(db, "Q-4", 9, owner="me")
+    with db.engine.begin() as conn:  # the site re-used the row for another LIS order
+        conn.exec_driver_sql(
+            f"UPDATE local_lab_orders SET EXTERNAL_ORDER_ID = 'Q-3b' WHERE ID = {renamed}")
+    later = START + timedelta(hours=1)
+
+    _save(db, *(orders.QuietPoll(order_id, name, user, "processing", later, to_processing=True)
+                for order_id, name, user in ((mine, "Q-1", 7), (theirs, "Q-2", 7),
+                                             (renamed, "Q-3", 7), (also_mine, "Q-4", 9))))
+
+    assert [order_row(db, n).STATUS for n in ("Q-1", "Q-2", "Q-3b", "Q-4")] == [
+        "processing", "received", "received", "processing"]
