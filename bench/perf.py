@@ -2,7 +2,7 @@
 
     python -m bench.perf [--orders 2000] [--latency 0.05,0.1] [--concurrency 16]
                          [--pdf-size 200000] [--rss-orders 100000] [--skip-baseline]
-                         [--profile] [--json out.json]
+                         [--repeat 3] [--profile] [--json out.json]
 
 One run does everything in a scratch MariaDB database (``labsync_bench_<random>``, utf8 like
 an older Bitrix site, tables from tests/sql plus ``init_db``), dropped at the end, Ctrl-C
@@ -12,7 +12,8 @@ own, so its CPU is not labsync's and it holds no GIL of labsync's. For each late
 1. reset the database and PDF folder, run ``python -m bench.baseline`` (serial, a new
    connection per request, one autocommitted INSERT per result row);
 2. reset again, run ``labsync sync-once --all`` as a user runs it, with
-   ``lis.max_concurrency = --concurrency``.
+   ``lis.max_concurrency = --concurrency``; ``--repeat`` times, reporting the median run
+   by CPU and the spread.
 
 Each child is measured with ``os.wait4``: wall time, CPU (user+sys) and peak RSS. labsync's
 CPU per completed order subtracts the CPU of a no-op ``sync-once`` (interpreter start-up,
@@ -21,7 +22,8 @@ served and the most it had in flight. After each run the database is checked: co
 orders, one mail event each, results without duplicates, one PDF each. ``--rss-orders``
 then runs one pass over that many pending orders (latency 0) for peak RSS. ``--profile``
 runs one more pass with every thread under cProfile, timed by per-thread CPU, and lists the
-top items. The targets are printed as met or not; nothing here asserts them.
+top items; then one pass with each thread's CPU recorded (the pass's own thread against the
+LIS workers), and with ``--py-spy`` one sampled pass. The targets are printed as met or not; nothing here asserts them.
 """
 
 from __future__ import annotations
@@ -433,10 +435,30 @@ class Bench:
         report = profile_report(out, self.args.profile_top)
         report.update(latency_s=latency, wall_s=measured["wall_s"], cpu_s=measured["cpu_s"],
                       completed=expected, exit_code=measured["exit_code"])
+        report["threads"] = self._undisturbed(
+            "threads", lambda: self._threads_once(orders, latency, expected))
         if self.args.py_spy:
             report["sampled"] = self._undisturbed(
                 "py-spy", lambda: self._sample_once(orders, latency, expected))
         return report
+
+    def _threads_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
+        """A pass with each thread's CPU recorded (``time.thread_time``, nearly free): the
+        pass's own thread against the LIS workers."""
+        reset(self.engine, self.pdf_dir, self.baseline_pdf_dir)
+        log(f"threads: {orders} orders, latency {latency * 1000:g} ms")
+        lis = self.fake(orders, latency, self.args.completed_ratio)
+        out = self.workdir / "labsync.threads.json"
+        try:
+            config = self.config(lis.base_url, self.args.concurrency)
+            command = [sys.executable, "-m", "bench.perf", "_threads", str(out),
+                       "--config", str(config), "sync-once", "--all"]
+            measured = run_measured(command, self.workdir / "threads.log")
+        finally:
+            lis.stop()
+        spent = json.loads(out.read_text())
+        return {"cpu_s": measured["cpu_s"], "exit_code": measured["exit_code"],
+                "completed": expected, "by_thread_s": spent}
 
     def _sample_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
         """A pass under py-spy (sampling, so nearly free): on-CPU stacks of every thread."""
@@ -498,6 +520,35 @@ def profile_child(out: str, labsync_args: list[str]) -> int:
                 with contextlib.suppress(TypeError):  # a thread that never ran any Python
                     stats.add(profile)
         stats.dump_stats(out)
+
+
+def threads_child(out: str, labsync_args: list[str]) -> int:
+    """Run ``labsync ARGS``; write each group of threads' CPU seconds (``time.thread_time``)
+    as JSON: ``main`` (start-up, pages, claims and every database write) and the workers,
+    by thread-name prefix (``labsync-lis``)."""
+    import threading
+
+    spent: dict[str, float] = {}
+    lock = threading.Lock()
+    thread_run = threading.Thread.run
+
+    def timed_run(self: threading.Thread) -> None:
+        try:
+            thread_run(self)
+        finally:
+            cpu = time.thread_time()
+            with lock:
+                group = self.name.rsplit("_", 1)[0]
+                spent[group] = spent.get(group, 0.0) + cpu
+
+    threading.Thread.run = timed_run  # type: ignore[method-assign]
+    from labsync.cli import main as labsync_main
+
+    try:
+        return labsync_main(labsync_args)
+    finally:
+        spent["main"] = time.thread_time()
+        Path(out).write_text(json.dumps(spent))
 
 
 _PACKAGE = re.compile(r"site-packages/([^/]+)/")
@@ -702,6 +753,16 @@ def render(report: dict[str, Any]) -> str:
                        f"{item['calls']:>8}  {item['function']}")
         out.append("  by package: " + ", ".join(
             f"{a['area']} {a['share']:.0%}" for a in prof["by_area"][:10]))
+        if prof.get("threads"):
+            threads = prof["threads"]
+            per = 1000 / max(threads["completed"], 1)
+            main = threads["by_thread_s"].get("main", 0.0) - noop["cpu_s"]
+            workers = threads["by_thread_s"].get("labsync-lis", 0.0)
+            out.append(f"\nthreads: one more pass with each thread's CPU recorded, "
+                       f"{threads['cpu_s']:.1f} s in all: the pass's own thread (pages, "
+                       f"claims, every database write; net of the no-op) {main:.2f} s = "
+                       f"{main * per:.2f} ms per completed order; the LIS workers "
+                       f"{workers:.2f} s = {workers * per:.2f} ms")
         if prof.get("sampled"):
             sampled = prof["sampled"]
             out.append(f"\npy-spy: the same pass sampled on-CPU, {sampled['samples']} samples "
@@ -814,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_profile"]:
         return profile_child(argv[1], argv[2:])
+    if argv[:1] == ["_threads"]:
+        return threads_child(argv[1], argv[2:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # the scratch database is dropped either way
     workdir = Path(tempfile.mkdtemp(prefix="labsync-bench-"))

@@ -90,6 +90,10 @@ def test_benchmark_smoke_run_measures_both_and_checks_what_they_wrote(mariadb: D
     assert report["noop"]["cpu_s"] > 0
     assert report["rss"] is None
     assert report["profile"]["top"] and report["profile"]["profiled_cpu_s"] > 0
+    threads = report["profile"]["threads"]
+    assert threads["exit_code"] == 0
+    assert threads["by_thread_s"]["main"] > 0 and threads["by_thread_s"]["labsync-lis"] > 0
+    assert "the LIS workers" in finished.stdout
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     assert report["targets"][-1]["met"]  # every run wrote exactly what it should
     assert _bench_databases() <= before  # the scratch database is dropped
