@@ -9,7 +9,8 @@ test suite's MariaDB:
   (a hand-built request sent with ``Session.send``), and through urllib3 alone;
 - ``QlabClient.fetch_order`` whole (GET, JSON, validation);
 - the observe step (results, and the PDF of the completed half) with 1 and with 16 worker
-  threads: the difference is what the threads' GIL hand-offs cost;
+  threads: the difference is what the threads' GIL hand-offs cost; then the same with every
+  order completed, which is the observe step's share of a completed order by itself;
 - a 10-column locking read plus an UPDATE by primary key: through SQLAlchemy with a prebuilt
   statement, through ``exec_driver_sql``, and on the raw PyMySQL cursor.
 
@@ -100,7 +101,8 @@ def http_figures(base_url: str, api_key: str, ids: list[str], count: int) -> dic
 
 
 def observe_figure(base_url: str, api_key: str, ids: list[str], workers: int) -> float:
-    """CPU ms per order of the observe step over ``ids`` (half of them with a 200 KB PDF)."""
+    """CPU ms per order of the observe step over ``ids`` (those the LIS has completed with a
+    200 KB PDF)."""
     client = QlabClient(LisConfig(adapter="qlab", base_url=base_url, api_key=Secret(api_key),
                                   max_concurrency=16))
     with tempfile.TemporaryDirectory() as folder:
@@ -187,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
                     http_figures(lis.base_url, api_key, ids, args.requests).items()]
             for workers in (1, 16):
                 rows.append((f"observe step, {workers} worker(s), per order (half with PDF)",
+                             observe_figure(lis.base_url, api_key, ids, workers), "ms"))
+        finally:
+            lis.stop()
+        # Every order completed: the observe step's cost per completed order by itself.
+        lis = FakeLis(Path(workdir), api_key, orders=args.orders, latency=0.0,
+                      pdf_size=200_000, completed_ratio=1.0, results=10)
+        try:
+            for workers in (1, 16):
+                rows.append((f"observe step, {workers} worker(s), per order (all with PDF)",
                              observe_figure(lis.base_url, api_key, ids, workers), "ms"))
         finally:
             lis.stop()

@@ -23,7 +23,8 @@ orders, one mail event each, results without duplicates, one PDF each. ``--rss-o
 then runs one pass over that many pending orders (latency 0) for peak RSS. ``--profile``
 runs one more pass with every thread under cProfile, timed by per-thread CPU, and lists the
 top items; then one pass with each thread's CPU recorded (the pass's own thread against the
-LIS workers), and with ``--py-spy`` one sampled pass. The targets are printed as met or not; nothing here asserts them.
+LIS workers), and with ``--py-spy`` one sampled pass. The targets are printed as met or
+not; nothing here asserts them.
 """
 
 from __future__ import annotations
