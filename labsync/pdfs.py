@@ -10,6 +10,7 @@ and folders 0750 whatever the process umask.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -54,6 +55,11 @@ class _Tally:
     An adapter writes the body in order, rewinding to the start (and truncating) before a
     retry, which starts the count afresh. Anything else it does (a seek elsewhere, any
     other method) leaves ``exact`` False, and the file is read back to be checked.
+
+    The file is a new, empty, unbuffered one: each write goes straight to the kernel, and
+    rewinding or truncating it before anything is written (every first attempt) needs no
+    system call. Each system call hands the GIL to another worker and takes it back, which
+    is most of what the workers' threads cost (docs/performance.md).
     """
 
     def __init__(self, file: BinaryIO) -> None:
@@ -61,16 +67,24 @@ class _Tally:
         self.digest = hashlib.sha256()
         self.size = 0
         self.exact = True
+        self._untouched = True  # nothing written yet: the file is still empty at offset 0
 
     def write(self, data: bytes) -> int:
-        written = self._file.write(data)
-        if written != len(data):
-            self.exact = False
+        self._untouched = False
+        view = memoryview(data)
+        while view:  # an unbuffered write may take less than it was given
+            written = self._file.write(view)
+            if not written:
+                raise OSError(errno.EIO, "the PDF file took no bytes")
+            view = view[written:]
         self.digest.update(data)
         self.size += len(data)
-        return written
+        return len(data)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if self._untouched and offset == 0 and whence == os.SEEK_SET:
+            return 0
+        self._untouched = False
         position = self._file.seek(offset, whence)
         if position == 0:
             self.digest, self.size = hashlib.sha256(), 0
@@ -79,6 +93,9 @@ class _Tally:
         return position
 
     def truncate(self, size: int | None = None) -> int:
+        if self._untouched and not size:
+            return 0
+        self._untouched = False
         return self._file.truncate(size)  # past what was counted: fstat tells at the check
 
     def flush(self) -> None:
@@ -86,6 +103,7 @@ class _Tally:
 
     def __getattr__(self, name: str) -> Any:
         self.exact = False
+        self._untouched = False
         return getattr(self._file, name)
 
 
@@ -153,7 +171,7 @@ class PdfStore:
         temp = Path(name)
         try:
             os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "w+b") as file:
+            with os.fdopen(fd, "w+b", buffering=0) as file:
                 sink = _Tally(file)
                 lis.fetch_pdf(external_id, cast(BinaryIO, sink), max_bytes=self.max_bytes)
                 file.flush()
