@@ -125,6 +125,10 @@ class _OddLis:
             sink.write(b"<htm>")
         elif self.how == "writelines":
             sink.writelines([body[:10], body[10:]])
+        elif self.how == "rewind_first":  # what HttpTransport.stream_to does on every try
+            sink.seek(0)
+            sink.truncate()
+            sink.write(body)
         elif self.how == "retry_with_truncate":  # what HttpTransport.stream_to does
             sink.write(b"%PDF-1.4 cut off")
             sink.seek(0)
@@ -133,7 +137,8 @@ class _OddLis:
         return len(body)
 
 
-@pytest.mark.parametrize("how", ["retry_without_truncate", "writelines", "retry_with_truncate"])
+@pytest.mark.parametrize("how", ["retry_without_truncate", "writelines", "retry_with_truncate",
+                                 "rewind_first"])
 def test_size_and_digest_are_those_of_the_file_on_disk_however_the_adapter_wrote(tmp_path, how):
     store = PdfStore(tmp_path, max_bytes=100_000)
     staged = store.stage(7, "A-1", _OddLis(how, sample_pdf()))
@@ -142,6 +147,21 @@ def test_size_and_digest_are_those_of_the_file_on_disk_however_the_adapter_wrote
     assert staged.sha256 == hashlib.sha256(on_disk).hexdigest()
     if how != "retry_without_truncate":
         assert on_disk == sample_pdf()
+
+
+class _StingyFile(io.FileIO):
+    """A file whose writes take at most 1,000 bytes at a time, as an unbuffered write may."""
+
+    def write(self, data):
+        return super().write(bytes(data[:1000]))
+
+
+def test_short_writes_are_continued_until_the_whole_body_is_on_disk(tmp_path, monkeypatch):
+    body = sample_pdf(size=50_000)
+    monkeypatch.setattr(os, "fdopen", lambda fd, *_args, **_kwargs: _StingyFile(fd, "rb+"))
+    staged = PdfStore(tmp_path, max_bytes=100_000).stage(7, "A-1", _Lis(body))
+    assert staged.temp_path.read_bytes() == body
+    assert (staged.size, staged.sha256) == (len(body), hashlib.sha256(body).hexdigest())
 
 
 def test_a_header_overwritten_after_the_count_is_still_refused(tmp_path):
