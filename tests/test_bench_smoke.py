@@ -44,10 +44,11 @@ def test_floor_benchmark_smoke_run_prints_every_figure(mariadb: Db):
 
     assert finished.returncode == 0, finished.stderr[-3000:]
     figures = dict(line.rsplit("  ", 1) for line in finished.stdout.splitlines())
-    assert len(figures) == 9
+    assert len(figures) == 11
     assert all(float(value.split()[0]) > 0 for value in figures.values())
-    assert "observe step, 16 worker(s), per order (half with PDF)" in {
-        name.strip() for name in figures}
+    names = {name.strip() for name in figures}
+    assert "observe step, 16 worker(s), per order (half with PDF)" in names
+    assert "observe step, 1 worker(s), per order (all with PDF)" in names
 
 
 @pytest.mark.mariadb

@@ -19,7 +19,6 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import mysql, sqlite
@@ -345,16 +344,16 @@ def save_quiet(conn: Connection, polls: Sequence[QuietPoll], *, owner: str, now_
     Every write holds only while ``owner`` still has the order's claim, so no lock or
     re-read is needed: an order another instance took meanwhile is left to it. A status
     moves from ``received`` (or none) to ``processing`` only while the order is still the
-    same user's order in that state (one UPDATE for up to 500 orders). The bookkeeping
-    goes out as one UPDATE per LIS status and minute of the next poll (next polls are
-    rounded down to the minute for that).
+    same user's order in that state: one UPDATE per order, sent as one executemany (one
+    UPDATE for 500 orders, checking each by a row-value ``IN`` list, took 0.5 s on
+    MariaDB 10.11). The bookkeeping goes out as one UPDATE per LIS status and minute of
+    the next poll (next polls are rounded down to the minute for that).
     Returns how many bookkeeping rows were written.
     """
-    moves = [(p.order_id, p.user_id, p.external_id) for p in polls if p.to_processing]
-    for start in range(0, len(moves), _IN_LIST):
-        chunk = moves[start:start + _IN_LIST]
-        conn.execute(_QUIET_TO_PROCESSING, {"b_ids": [m[0] for m in chunk], "b_keys": chunk,
-                                            "b_owner": owner})
+    moves = [{"b_id": p.order_id, "b_user_id": p.user_id, "b_external_id": p.external_id,
+              "b_owner": owner} for p in polls if p.to_processing]
+    if moves:
+        conn.execute(_QUIET_TO_PROCESSING, moves)
     groups: dict[tuple[str, datetime], list[int]] = {}
     for p in polls:
         due = p.next_poll_at.replace(second=0, microsecond=0)
@@ -395,17 +394,14 @@ _QUIET_POLL = (
             LIS_STATUS=bindparam("b_lis_status"), NEXT_POLL_AT=bindparam("b_next"),
             LEASE_OWNER=None, LEASE_UNTIL=None)
 )
-# Each order moves only if it is still the same user's order (ID, USER_ID and
-# EXTERNAL_ORDER_ID together) and still claimed by this instance; the plain ID list is
-# there for the primary-key index.
 _QUIET_TO_PROCESSING = (
     update(local_lab_orders)
-    .where(local_lab_orders.c.ID.in_(bindparam("b_ids", expanding=True)),
-           tuple_(local_lab_orders.c.ID, local_lab_orders.c.USER_ID,
-                  local_lab_orders.c.EXTERNAL_ORDER_ID).in_(bindparam("b_keys", expanding=True)),
+    .where(local_lab_orders.c.ID == bindparam("b_id"),
+           local_lab_orders.c.USER_ID == bindparam("b_user_id"),
+           local_lab_orders.c.EXTERNAL_ORDER_ID == bindparam("b_external_id"),
            or_(local_lab_orders.c.STATUS == "received", local_lab_orders.c.STATUS.is_(None)),
            select(labsync_orders.c.ORDER_ID)
-           .where(labsync_orders.c.ORDER_ID == local_lab_orders.c.ID,
+           .where(labsync_orders.c.ORDER_ID == bindparam("b_id"),
                   labsync_orders.c.LEASE_OWNER == bindparam("b_owner"))
            .exists())
     .values(STATUS="processing")
