@@ -462,7 +462,9 @@ class Bench:
                 "completed": expected, "by_thread_s": spent}
 
     def _sample_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
-        """A pass under py-spy (sampling, so nearly free): on-CPU stacks of every thread."""
+        """A pass under py-spy (sampling, so nearly free): the stacks of whichever thread
+        holds the GIL (``--gil``). That is wall time holding the GIL, not CPU: a holder the
+        kernel has put aside still counts. The thread split measures CPU."""
         reset(self.engine, self.pdf_dir, self.baseline_pdf_dir)
         log(f"py-spy: {orders} orders, latency {latency * 1000:g} ms")
         lis = self.fake(orders, latency, self.args.completed_ratio)
@@ -766,8 +768,9 @@ def render(report: dict[str, Any]) -> str:
                        f"{workers:.2f} s = {workers * per:.2f} ms")
         if prof.get("sampled"):
             sampled = prof["sampled"]
-            out.append(f"\npy-spy: the same pass sampled on-CPU, {sampled['samples']} samples "
-                       "(nearly no overhead)")
+            out.append(f"\npy-spy: the same pass sampled while holding the GIL, "
+                       f"{sampled['samples']} samples (nearly no overhead; wall time holding "
+                       "the GIL, not CPU: see the thread split for CPU)")
             out.append("  by phase: " + ", ".join(
                 f"{p['phase']} {p['share']:.0%}" for p in sampled["by_phase"]))
             out.append("  by package: " + ", ".join(
