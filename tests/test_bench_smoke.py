@@ -79,6 +79,7 @@ def test_benchmark_smoke_run_measures_both_and_checks_what_they_wrote(mariadb: D
         assert measured["lis_by_endpoint"] == {"pdf": 20, "results": 40}
         assert measured["lis_requests"] == 60
         assert measured["wall_s"] > 0 and measured["cpu_s"] > 0 and measured["peak_rss_mb"] > 0
+        assert measured["maxrss_wait4_mb"] > 0
         assert measured["little_limit_s"] > 0
     assert baseline["lis_max_in_flight"] == 1
     assert 1 <= labsync["lis_max_in_flight"] <= 4
@@ -165,3 +166,18 @@ def test_lis_requests_keep_to_max_rps_under_load(db, tmp_path):
     assert starts[-1] - starts[0] >= (len(starts) - 1) / rps - 0.05
     busiest = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
     assert busiest <= rps + 1  # one of slack: a request the scheduler held back a moment
+
+
+def test_peak_rss_is_the_childs_own_not_the_benchmarks(tmp_path) -> None:
+    """Linux carries the parent's RSS into an exec'd child's ru_maxrss; the benchmark, which
+    holds the seeded orders, must not report its own size as labsync's."""
+    from bench.perf import run_measured
+
+    ballast = bytearray(200 * 1024 * 1024)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident
+    measured = run_measured([sys.executable, "-c", "import time; time.sleep(0.3)"],
+                            tmp_path / "child.log")
+    del ballast
+    assert measured["exit_code"] == 0
+    assert measured["maxrss_wait4_mb"] >= 200  # what wait4 alone would have said
+    assert 0 < measured["peak_rss_mb"] < 100
