@@ -454,18 +454,26 @@ class Bench:
         """One more labsync pass with every thread under cProfile (per-thread CPU time)."""
         return self._undisturbed("profile", lambda: self._profile_once(orders, latency, expected))
 
-    def _profile_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
+    def _extra_pass(self, name: str, orders: int, latency: float,
+                    command: Callable[[Path], list[str]]) -> dict[str, Any]:
+        """One more pass over fresh orders, run as ``command(config)``; its measurement."""
         reset(self.engine, self.pdf_dir, self.baseline_pdf_dir)
-        log(f"profile: {orders} orders, latency {latency * 1000:g} ms")
+        log(f"{name}: {orders} orders, latency {latency * 1000:g} ms")
         lis = self.fake(orders, latency, self.args.completed_ratio)
-        out = self.workdir / "labsync.prof"
         try:
             config = self.config(lis.base_url, self.args.concurrency)
-            command = [sys.executable, "-m", "bench.perf", "_profile", str(out),
-                       "--config", str(config), "sync-once", "--all"]
-            measured = run_measured(command, self.workdir / "profile.log")
+            return run_measured(command(config), self.workdir / f"{name}.log")
         finally:
             lis.stop()
+
+    def _child(self, mode: str, out: Path) -> Callable[[Path], list[str]]:
+        """``labsync sync-once --all`` inside this module's ``mode`` wrapper, writing ``out``."""
+        return lambda config: [sys.executable, "-m", "bench.perf", mode, str(out),
+                               "--config", str(config), "sync-once", "--all"]
+
+    def _profile_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
+        out = self.workdir / "labsync.prof"
+        measured = self._extra_pass("profile", orders, latency, self._child("_profile", out))
         report = profile_report(out, self.args.profile_top)
         report.update(latency_s=latency, wall_s=measured["wall_s"], cpu_s=measured["cpu_s"],
                       completed=expected, exit_code=measured["exit_code"])
@@ -473,42 +481,25 @@ class Bench:
             "threads", lambda: self._threads_once(orders, latency, expected))
         if self.args.py_spy:
             report["sampled"] = self._undisturbed(
-                "py-spy", lambda: self._sample_once(orders, latency, expected))
+                "py-spy", lambda: self._sample_once(orders, latency))
         return report
 
     def _threads_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
         """A pass with each thread's CPU recorded (``time.thread_time``, nearly free): the
         pass's own thread against the LIS workers."""
-        reset(self.engine, self.pdf_dir, self.baseline_pdf_dir)
-        log(f"threads: {orders} orders, latency {latency * 1000:g} ms")
-        lis = self.fake(orders, latency, self.args.completed_ratio)
         out = self.workdir / "labsync.threads.json"
-        try:
-            config = self.config(lis.base_url, self.args.concurrency)
-            command = [sys.executable, "-m", "bench.perf", "_threads", str(out),
-                       "--config", str(config), "sync-once", "--all"]
-            measured = run_measured(command, self.workdir / "threads.log")
-        finally:
-            lis.stop()
-        spent = json.loads(out.read_text())
+        measured = self._extra_pass("threads", orders, latency, self._child("_threads", out))
         return {"cpu_s": measured["cpu_s"], "exit_code": measured["exit_code"],
-                "completed": expected, "by_thread_s": spent}
+                "completed": expected, "by_thread_s": json.loads(out.read_text())}
 
-    def _sample_once(self, orders: int, latency: float, expected: int) -> dict[str, Any]:
+    def _sample_once(self, orders: int, latency: float) -> dict[str, Any]:
         """A pass under py-spy (sampling, so nearly free): the stacks of whichever thread
         holds the GIL (``--gil``). That is wall time holding the GIL, not CPU: a holder the
         kernel has put aside still counts. The thread split measures CPU."""
-        reset(self.engine, self.pdf_dir, self.baseline_pdf_dir)
-        log(f"py-spy: {orders} orders, latency {latency * 1000:g} ms")
-        lis = self.fake(orders, latency, self.args.completed_ratio)
         out = self.workdir / "labsync.pyspy.txt"
-        try:
-            config = self.config(lis.base_url, self.args.concurrency)
-            command = [self.args.py_spy, "record", "--gil", "--format", "raw", "--rate", "500",
-                       "--output", str(out), "--", *self.labsync_command(config)]
-            measured = run_measured(command, self.workdir / "py-spy.log")
-        finally:
-            lis.stop()
+        measured = self._extra_pass("py-spy", orders, latency, lambda config: [
+            self.args.py_spy, "record", "--gil", "--format", "raw", "--rate", "500",
+            "--output", str(out), "--", *self.labsync_command(config)])
         report = sampled_report(out, self.args.profile_top)
         report.update(wall_s=measured["wall_s"], exit_code=measured["exit_code"])
         return report
