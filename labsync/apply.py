@@ -80,9 +80,15 @@ class OrderApplier:
 
     def fingerprint(self, lis_order: LisOrder) -> str:
         """The fingerprint of the rows these results would become (to notice corrections)."""
-        rows, _ = to_rows(lis_order.results, zone=self.config.site.timezone,
-                          fitter=self.fitter, pdf_path=None)
+        rows, _ = self._rows(lis_order, None)
         return results_hash(rows)
+
+    def _rows(self, lis_order: LisOrder, pdf_path: str | None
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The order's result rows, and a line for each value that had to be fitted."""
+        rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
+                              fitter=self.fitter, pdf_path=pdf_path)
+        return rows, [f"test {n.test}, {n.column}: {n.change}" for n in notes]
 
     # -- success ------------------------------------------------------------------------------
 
@@ -107,9 +113,7 @@ class OrderApplier:
             if status is OrderStatus.COMPLETED:
                 assert pdf is not None
                 pdf_path = self._publish(pdf, values, now)
-            rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
-                                  fitter=self.fitter, pdf_path=pdf_path)
-            applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
+            rows, applied.notes = self._rows(lis_order, pdf_path)
             if rows or status is OrderStatus.COMPLETED or stored:
                 changes = orders.write_results(conn, order.id, rows, stored=stored > 0)
             else:  # still in the lab, nothing reported yet, nothing of ours stored: no work
@@ -178,12 +182,10 @@ class OrderApplier:
             return Applied("skipped")
         values = self._polled(state, c.lis_order, now)
         pdf_path = self._publish(c.pdf, values, now)
-        rows, notes = to_rows(c.lis_order.results, zone=self.config.site.timezone,
-                              fitter=self.fitter, pdf_path=pdf_path)
+        rows, notes = self._rows(c.lis_order, pdf_path)
         rows_of_all.extend({**row, "ORDER_ID": c.order.id} for row in rows)
         values.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
-        applied = Applied("completed",
-                          notes=[f"test {n.test}, {n.column}: {n.change}" for n in notes])
+        applied = Applied("completed", notes=notes)
         done.append(_Done(c.order, values, applied, len(rows),
                           notify=state.NOTIFIED_AT is None))
         return applied
@@ -283,9 +285,7 @@ class OrderApplier:
             if pdf is not None:
                 pdf_path = str(self.pdfs.publish(pdf))
                 values.update(PDF_PATH=pdf_path, PDF_SHA256=pdf.sha256, PDF_BYTES=pdf.size)
-            rows, notes = to_rows(lis_order.results, zone=self.config.site.timezone,
-                                  fitter=self.fitter, pdf_path=pdf_path)
-            applied.notes = [f"test {n.test}, {n.column}: {n.change}" for n in notes]
+            rows, applied.notes = self._rows(lis_order, pdf_path)
             changes = orders.write_results(conn, order.id, rows, stored=stored > 0)
             if changes.any:
                 version = (state.RESULTS_VERSION or 1) + 1
