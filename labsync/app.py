@@ -47,6 +47,7 @@ def open_app(config: Config, *, lis: LisClient | None = None,
     engine = make_engine(config.database)
     client: LisClient | None = lis
     metrics: Metrics | None = None
+    sync: SyncEngine | None = None
     try:
         verify_tables(engine)
         fitter = detect_text_fitter(engine)
@@ -66,6 +67,8 @@ def open_app(config: Config, *, lis: LisClient | None = None,
                 if config.notify.backend == "smtp" and config.smtp is not None else None)
         yield App(config, engine, client, fitter, sync, metrics, discovery, mail)
     finally:
+        if sync is not None:
+            sync.close()
         if metrics is not None:
             metrics.close()
         if client is not None:

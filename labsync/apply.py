@@ -340,8 +340,11 @@ class OrderApplier:
     # -- failure ------------------------------------------------------------------------------
 
     def record_failure(self, conn: Connection, order: orders.PendingOrder, error: LabsyncError,
-                       now: datetime) -> None:
-        """Count the failure, back off, and tell the admin log once per new problem."""
+                       now: datetime, *, admin_log: bool = True) -> None:
+        """Count the failure, back off, and tell the admin log once per new problem.
+
+        ``admin_log=False``: the caller reports the problem itself, once for many orders.
+        """
         kind = getattr(error, "kind", type(error).__name__)
         message = str(error)[:1000]
         state = orders.get_state(conn, order.id)
@@ -357,9 +360,9 @@ class OrderApplier:
             "NEXT_POLL_AT": now + delay, "LEASE_OWNER": None, "LEASE_UNTIL": None,
         }, exists=state is not None)
         # One admin-log line per new problem, not one every pass while it lasts.
-        if state is None or state.LAST_ERROR != message or state.FAILURES == 0:
+        if admin_log and (state is None or state.LAST_ERROR != message or state.FAILURES == 0):
             bitrix.add_event_log(conn, self.fitter, item_id=order.external_id,
-                                 description=f"Order {order.external_id}: {message}",
+                                 description=_about(order.external_id, message),
                                  now_site=self.site_time(now),
                                  site_id=self.config.notify.site_id)
 
@@ -387,3 +390,12 @@ class OrderApplier:
             if ordered < start - timedelta(days=1):
                 start = ordered
         return max(now - start, timedelta(0))
+
+
+def _about(external_id: str, message: str) -> str:
+    """``Order X: message``, without naming the order twice when the message already does."""
+    for lead in (f"order {external_id}: ", f"order {external_id!r}: "):
+        if message.lower().startswith(lead.lower()):
+            message = message[len(lead):]
+            break
+    return f"Order {external_id}: {message}"

@@ -3,6 +3,9 @@
 APScheduler 3 (BlockingScheduler, in-memory job store, jobs added at start-up) runs:
 
 - ``sync``: a pass every ``sync.interval``, the first one at start;
+- ``takeover`` (MySQL/MariaDB): every 10 s, between passes, whether another instance died
+  holding claims (``labsync.store.liveness``); if one did, the sync pass starts now and
+  finishes its orders, instead of waiting for the next interval;
 - ``housekeeping``: hourly; old pass records pruned, gauges refreshed;
 - ``mail`` (when ``notify.backend = "smtp"``): every minute, labsync's outbox is sent;
 - ``discovery`` (when ``[discovery] enabled``): orders placed at collection points, found
@@ -49,6 +52,7 @@ from labsync.store.tx import run_tx
 log = structlog.get_logger("labsync.daemon")
 
 HOUSEKEEPING_EVERY = timedelta(hours=1)
+TAKEOVER_EVERY = timedelta(seconds=10)
 MAIL_EVERY = timedelta(minutes=1)
 KEEP_PASSES = timedelta(days=90)
 FORCED_EXIT = 130
@@ -76,6 +80,7 @@ class Daemon:
         )
         self._active = 0
         self._idle = threading.Condition()
+        self._taken_over: set[str] = set()
         self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -84,6 +89,10 @@ class Daemon:
         now = now or datetime.now(UTC)
         self.scheduler.add_job(self._job("sync", self.sync_job), IntervalTrigger(
             seconds=self.interval, timezone=UTC), id="sync", name="sync", next_run_time=now)
+        if self.app.sync.liveness.enabled:
+            self.scheduler.add_job(self._job("takeover", self.takeover_job), IntervalTrigger(
+                seconds=TAKEOVER_EVERY.total_seconds(), timezone=UTC), id="takeover",
+                name="takeover", next_run_time=now + TAKEOVER_EVERY)
         self.scheduler.add_job(self._job("housekeeping", self.housekeeping_job), IntervalTrigger(
             seconds=HOUSEKEEPING_EVERY.total_seconds(), timezone=UTC), id="housekeeping",
             name="housekeeping", next_run_time=now + timedelta(minutes=1))
@@ -131,6 +140,19 @@ class Daemon:
         summary = self.app.sync.run_pass(stop=self.stop)
         self.refresh_gauges()
         self.app.metrics.pass_finished(summary)
+
+    def takeover_job(self) -> None:
+        """Start the sync pass now if an instance died holding claims (and none is running)."""
+        if self.app.sync.busy:
+            return  # the running pass ends soon; the next check comes after it
+        gone = self.app.sync.orphaned()
+        new = gone - self._taken_over
+        # Once per dead owner: if its orders stay claimed (the pass ended early, the LIS is
+        # down) the regular schedule goes on, rather than a pass every few seconds.
+        self._taken_over = gone
+        if new:
+            log.info("claims.takeover", owners_gone=len(new))
+            self.scheduler.modify_job("sync", next_run_time=datetime.now(UTC))
 
     def housekeeping_job(self) -> None:
         cutoff = self.app.sync.now() - KEEP_PASSES

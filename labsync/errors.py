@@ -3,7 +3,8 @@
     LabsyncError
     ├── ConfigError          the configuration cannot be used; carries every problem
     ├── StoreError           the database cannot be reached or used
-    ├── PdfError             a PDF could not be stored (disk, permissions, bad file)
+    ├── PdfError             a PDF could not be stored (unsafe name, bad file)
+    │   └── DiskError            the PDF folder refuses writes (full, read-only, permissions)
     └── LisError             anything that went wrong talking to the LIS
         ├── TransientLisError    worth retrying: timeouts, resets, 5xx, 429
         ├── PermanentLisError    not worth retrying: other 4xx
@@ -37,6 +38,21 @@ class StoreError(LabsyncError):
 
 class PdfError(LabsyncError):
     """A PDF could not be written to its final place (disk full, permissions, unsafe name)."""
+
+
+class DiskError(PdfError):
+    """The PDF folder refused a write: full, read-only, not permitted, over a size limit.
+
+    A problem of the host, not of the order: every order that needs the folder meets it, so
+    the admin log gets one line for the pass (``reason``, how many orders it held back), not
+    one per order.
+    """
+
+    kind = "disk"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class LisError(LabsyncError):

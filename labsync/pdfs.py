@@ -6,6 +6,12 @@ A download goes to a hidden temporary file in the same folder (same file system,
 rename is atomic), is checked, fsynced, and renamed into place only when the order's
 database transaction is about to commit: a reader never sees half a file. Files are 0640
 and folders 0750 whatever the process umask.
+
+A temporary file's name carries its writer's process tag (``labsync.process_tag``), so the
+sweep at the start of every pass removes the files of a writer that died (SIGKILL, a
+crash, a reboot) at once, and leaves a live writer's alone, another instance's included.
+A write the folder refuses (full, read-only, permissions) is a ``DiskError``: a problem of
+the host that the pass reports once.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from labsync.errors import BadLisData, PdfError
+from labsync import process_tag
+from labsync.errors import BadLisData, DiskError, PdfError
 from labsync.lis.base import LisClient
 
 FILE_MODE = 0o640
@@ -28,6 +35,22 @@ DIR_MODE = 0o750
 TEMP_SUFFIX = ".part"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _CHUNK = 64 * 1024
+# The folder, not the order: every order needing the folder meets these the same way.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG, errno.EIO})
+
+
+def _write_error(exc: OSError, message: str) -> PdfError:
+    """``message`` as the error it is: a ``DiskError`` if the folder refused the write."""
+    if exc.errno in _DISK_ERRNOS:
+        return DiskError(message, reason=exc.strerror or type(exc).__name__)
+    return PdfError(message)
+
+
+def _writer_tag(temp_name: str) -> str:
+    """The process tag in a temporary file's name (``.{id}.{tag}.{random}.part``), or ''."""
+    parts = temp_name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)
+    return parts[1] if len(parts) == 3 else ""
 
 
 def is_safe_name(external_id: str) -> bool:
@@ -128,6 +151,7 @@ class PdfStore:
         self.root = root
         self.max_bytes = max_bytes
         self._ready: set[Path] = set()  # folders made and checked this pass
+        self._tag_pid, self._tag_text = 0, ""
 
     def final_path(self, user_id: int, external_id: str) -> Path:
         if not is_safe_name(external_id):
@@ -151,7 +175,8 @@ class PdfStore:
                 if folder.stat().st_mode & 0o777 != DIR_MODE:
                     os.chmod(folder, DIR_MODE)
             except OSError as exc:
-                raise PdfError(f"cannot create PDF folder {folder}: {exc.strerror}") from exc
+                raise _write_error(exc, f"cannot create PDF folder {folder}: "
+                                        f"{exc.strerror}") from exc
         self._ready.add(path.parent)  # a patient's forms come in a row: check once a pass
 
     def stage(self, user_id: int, external_id: str, lis: LisClient) -> StagedPdf:
@@ -166,8 +191,8 @@ class PdfStore:
                 self._folder(final)
                 fd, name = self._temp_file(final, external_id)
         except OSError as exc:
-            raise PdfError(f"order {external_id}: cannot write in {final.parent}: "
-                           f"{exc.strerror}") from exc
+            raise _write_error(exc, f"order {external_id}: cannot write in {final.parent}: "
+                                    f"{exc.strerror}") from exc
         temp = Path(name)
         try:
             os.fchmod(fd, FILE_MODE)
@@ -180,14 +205,21 @@ class PdfStore:
             return StagedPdf(temp_path=temp, final_path=final, size=size, sha256=digest)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise PdfError(f"order {external_id}: cannot write PDF: {exc.strerror}") from exc
+            raise _write_error(exc, f"order {external_id}: cannot write PDF in {final.parent}: "
+                                    f"{exc.strerror}") from exc
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
 
-    @staticmethod
-    def _temp_file(final: Path, external_id: str) -> tuple[int, str]:
-        return tempfile.mkstemp(prefix=f".{external_id}.", suffix=TEMP_SUFFIX, dir=final.parent)
+    def _temp_file(self, final: Path, external_id: str) -> tuple[int, str]:
+        return tempfile.mkstemp(prefix=f".{external_id}.{self._tag()}.", suffix=TEMP_SUFFIX,
+                                dir=final.parent)
+
+    def _tag(self) -> str:
+        pid = os.getpid()
+        if self._tag_pid != pid:  # computed once per process
+            self._tag_pid, self._tag_text = pid, process_tag.this_process()
+        return self._tag_text
 
     def _check(self, file: BinaryIO, sink: _Tally, external_id: str) -> tuple[int, str]:
         """What was written, checked on disk: a PDF header and a size under the cap, whatever
@@ -216,7 +248,8 @@ class PdfStore:
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            raise PdfError(f"cannot move PDF into {staged.final_path}: {exc.strerror}") from exc
+            raise _write_error(exc, f"cannot move PDF into {staged.final_path}: "
+                                    f"{exc.strerror}") from exc
         staged.published = True
         return staged.final_path
 
@@ -225,20 +258,26 @@ class PdfStore:
             staged.temp_path.unlink(missing_ok=True)
 
     def sweep(self, older_than: float = 3600.0) -> int:
-        """Delete temporary files a crashed process left behind; return how many.
+        """Delete the temporary files of writers that died; return how many.
 
-        Only files older than ``older_than`` seconds go: another instance may be writing a
-        fresh one right now.
+        A file whose writer ran on this host goes as soon as that process is gone, and stays
+        while it runs (this process's, another instance's). A file whose writer cannot be
+        judged here (another host on a shared folder, a name without a tag) goes once it is
+        ``older_than`` seconds old.
         """
         if not self.root.is_dir():
             return 0
         cutoff = time.time() - older_than
         removed = 0
         for temp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
+            dead = process_tag.is_dead(_writer_tag(temp.name))
             try:
-                if temp.stat().st_mtime < cutoff:
-                    temp.unlink()
-                    removed += 1
+                if dead is False or (dead is None and temp.stat().st_mtime >= cutoff):
+                    continue
+                temp.unlink()
+                removed += 1
             except FileNotFoundError:
                 continue
+            except OSError:
+                continue  # a folder it may not write: the pass reports that when it writes
         return removed

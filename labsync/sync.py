@@ -17,7 +17,9 @@ the new one. Every failure stays with its order: logged, written to ``b_event_lo
 on a later pass.
 
 Orders are read in pages and each page is claimed first (``labsync.store.claims``), so
-several instances can share one database without working on the same order.
+several instances can share one database without working on the same order. A claim lives
+as long as its owner (``labsync.store.liveness``): each pass first takes over the claims of
+instances that died, so their orders wait seconds, not ``sync.lease``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from labsync.apply import Applied, Completion, OrderApplier
 from labsync.config import Config
 from labsync.errors import (
+    DiskError,
     Interrupted,
     LabsyncError,
     LisAuthError,
@@ -51,7 +54,7 @@ from labsync.errors import (
 from labsync.lis.base import LisClient
 from labsync.model import LisOrder, OrderStatus
 from labsync.pdfs import PdfStore, StagedPdf, is_safe_name
-from labsync.store import bitrix, claims, orders
+from labsync.store import bitrix, claims, liveness, orders
 from labsync.store.db import TextFitter, describe_db_error
 from labsync.store.tx import held_connection, run_tx
 
@@ -142,6 +145,7 @@ class SyncEngine:
         self.now = now
         self.metrics = metrics
         self.owner = claims.new_owner()
+        self.liveness = liveness.OwnerLock(engine, self.owner)
         self.pdfs = PdfStore(config.pdf.dir, config.pdf.max_bytes)
         self.applier = OrderApplier(config, fitter, self.pdfs, self.owner)
         self.fitter = fitter
@@ -153,6 +157,7 @@ class SyncEngine:
         self._halt_reason = ""
         self._streak = 0  # transient LIS failures in a row, across workers
         self._streak_lock = threading.Lock()
+        self._disk_held: dict[str, list[str]] = {}  # this pass: PDF folder problem → orders
 
     # -- the pass ---------------------------------------------------------------------------
 
@@ -169,6 +174,7 @@ class SyncEngine:
         summary = PassSummary()
         self._halted.clear()
         self._halt_reason, self._streak = "", 0
+        self._disk_held = {}
         self.applier.notifier.new_pass()
         self.busy, self.progress_at = True, started
         try:
@@ -181,6 +187,7 @@ class SyncEngine:
                 "PID": os.getpid()}))
             structlog.contextvars.bind_contextvars(pass_id=summary.pass_id)
             log.info("pass.started")
+            dead = self._dead_owners()
             workers = max(1, self.config.lis.max_concurrency)
             # One page ahead: the workers ask the LIS about the next page while this thread
             # applies the last one, so neither waits for the other at page ends.
@@ -188,7 +195,7 @@ class SyncEngine:
             futures: list[Future[_Observation]] = []
             try:
                 with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
-                    for page in self._pages(due_only):
+                    for page in self._pages(due_only, dead):
                         if stop.is_set() or self._halted.is_set():
                             break
                         futures = [pool.submit(contextvars.copy_context().run, self._observe,
@@ -209,6 +216,7 @@ class SyncEngine:
             self._report_halt()
         elif stop.is_set():
             summary.outcome = "interrupted"
+        self._report_disk()
         summary.duration_s = round(time.monotonic() - started, 3)
         run_tx(self.engine, lambda conn: orders.finish_pass(conn, summary.pass_id or 0, {
             "FINISHED_AT": self.now(), "CHECKED": summary.checked,
@@ -220,7 +228,26 @@ class SyncEngine:
         structlog.contextvars.unbind_contextvars("pass_id")
         return summary
 
-    def _pages(self, due_only: bool) -> Iterator[list[orders.PendingOrder]]:
+    def close(self) -> None:
+        """Let this instance's liveness lock go (a clean stop)."""
+        self.liveness.close()
+
+    def _dead_owners(self) -> set[str]:
+        """Owners of live-looking claims who died (their orders are free for this pass)."""
+        self.liveness.ensure()
+        now = self.now()
+        dead = run_tx(self.engine, lambda conn: liveness.dead_owners(
+            conn, liveness.claim_holders(conn, now, besides=self.owner)), retry=True)
+        for owner in sorted(dead):
+            log.info("claims.owner_gone", owner=owner)
+        return dead
+
+    def orphaned(self) -> set[str]:
+        """The owners who died holding claims: ``labsync run`` starts a pass when one did."""
+        return run_tx(self.engine, lambda conn: liveness.dead_owners(
+            conn, liveness.claim_holders(conn, self.now(), besides=self.owner)))
+
+    def _pages(self, due_only: bool, dead: set[str]) -> Iterator[list[orders.PendingOrder]]:
         """Pages of pending orders, each claimed for this instance before it is yielded."""
         after = 0
         size = self.config.sync.page_size
@@ -231,11 +258,12 @@ class SyncEngine:
             since = now - timedelta(days=days) if days else None
             page = run_tx(self.engine, partial(
                 orders.pending_page, after_id=after, limit=size, now_utc=now, due_only=due_only,
-                recheck_since=since))
+                recheck_since=since, dead=dead))
             if not page:
                 return
+            self.liveness.ensure()  # before the claim that relies on it
             mine = run_tx(self.engine, partial(claims.claim, page=page, owner=self.owner, now=now,
-                                               until=now + lease), retry=True)
+                                               until=now + lease, dead=dead), retry=True)
             self.progress_at = time.monotonic()
             yield [o for o in page if o.id in mine]
             after = page[-1].id
@@ -426,9 +454,12 @@ class SyncEngine:
         log.warning("order.failed", error_kind=kind, error=str(error)[:1000])
         if self.metrics is not None:
             self.metrics.lis_error(kind)
+        disk = isinstance(error, DiskError)
+        if isinstance(error, DiskError):  # the host's: one admin-log line a pass (_report_disk)
+            self._disk_held.setdefault(error.reason, []).append(order.external_id)
         try:
             run_tx(conn, lambda conn: self.applier.record_failure(
-                conn, order, error, self.now()), retry=True)
+                conn, order, error, self.now(), admin_log=not disk), retry=True)
         except (StoreError, SQLAlchemyError) as exc:
             log.error("order.failure_not_recorded", error=str(exc))
 
@@ -452,6 +483,23 @@ class SyncEngine:
         if streak >= max(UNREACHABLE_AFTER, 2 * self.config.lis.max_concurrency):
             self._halt("lis_unreachable", "lis.unreachable",
                        f"{streak} LIS requests in a row failed, the last: {exc}")
+
+    def _report_disk(self) -> None:
+        """One admin-log line per PDF folder problem of the pass, with the orders it held."""
+        for reason, held in self._disk_held.items():
+            shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10
+                                             else "")
+            log.error("pdf.folder_refused", reason=reason, orders=len(held))
+            message = (f"The PDF folder {self.config.pdf.dir} refused writes ({reason}): "
+                       f"{len(held)} completed order(s) held back this pass ({shown}); they "
+                       "are retried on the next pass. Check the disk and pdf.dir.")
+            try:
+                run_tx(self.engine, partial(
+                    bitrix.add_event_log, fitter=self.fitter, item_id="labsync",
+                    description=message, now_site=self.applier.site_time(self.now()),
+                    site_id=self.config.notify.site_id, severity="ERROR"))
+            except (StoreError, SQLAlchemyError) as exc:
+                log.error("pdf.folder_problem_not_recorded", error=str(exc))
 
     def _report_halt(self) -> None:
         if self._halt_reason == "lis_auth":

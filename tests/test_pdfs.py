@@ -180,3 +180,64 @@ def test_a_pdf_folder_removed_during_a_pass_is_made_again(tmp_path):
 
     assert path.read_bytes() == sample_pdf()
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+
+
+def _tag_of_child(*, keep_running: bool):
+    """A child process's tag, and the child (still running, or already ended)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from labsync import process_tag; "
+            "print(process_tag.this_process(), flush=True); "
+            + ("time.sleep(60)" if keep_running else "sys.exit(0)"))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    tag = child.stdout.readline().strip()
+    if not keep_running:
+        child.wait(timeout=30)
+    return tag, child
+
+
+def test_sweep_removes_a_dead_writers_file_at_once_and_keeps_a_live_writers(tmp_path):
+    from labsync import process_tag
+
+    store = PdfStore(tmp_path, max_bytes=10_000)
+    folder = tmp_path / "7"
+    folder.mkdir()
+    dead_tag, _ = _tag_of_child(keep_running=False)
+    live_tag, live = _tag_of_child(keep_running=True)
+    try:
+        other_host = "0123456789abcdef-4242-4242"  # a writer this host cannot judge
+        assert process_tag.is_dead(dead_tag) is True
+        assert process_tag.is_dead(live_tag) is False
+        assert process_tag.is_dead(other_host) is None
+        dead = folder / f".A-1.v2.{dead_tag}.abc123xy.part"  # ids may hold dots
+        alive = folder / f".A-2.{live_tag}.abc123xy.part"
+        mine = folder / f".A-3.{process_tag.this_process()}.abc123xy.part"
+        foreign = folder / f".A-4.{other_host}.abc123xy.part"
+        for path in (dead, alive, mine, foreign):
+            path.write_bytes(b"%PDF-")  # all fresh: none would go by age
+        assert store.sweep(older_than=3600) == 1
+        assert not dead.exists() and alive.exists() and mine.exists() and foreign.exists()
+        past = time.time() - 7200
+        os.utime(foreign, (past, past))
+        os.utime(alive, (past, past))  # a live writer's file stays however old
+        assert store.sweep(older_than=3600) == 1
+        assert not foreign.exists() and alive.exists()
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert store.sweep(older_than=3600) == 1  # its writer is gone now
+    assert not alive.exists() and mine.exists()  # this process still runs
+
+
+def test_a_staged_file_names_its_writer_and_outlives_a_sweep_while_in_hand(tmp_path):
+    from labsync import process_tag
+
+    store = PdfStore(tmp_path, max_bytes=10_000)
+    staged = store.stage(7, "A-1", _Lis(sample_pdf("A-1")))
+    assert process_tag.this_process() in staged.temp_path.name
+    assert store.sweep(older_than=0) == 0
+    assert staged.temp_path.exists()
+    store.publish(staged)
+    assert staged.final_path.read_bytes().startswith(b"%PDF-")

@@ -8,6 +8,10 @@ own transaction later checks, under the order's row lock, that the lease is stil
 so an instance that lost its connection (and so its lease) to another one gives the order
 up instead of writing it twice.
 
+A claim also ends when its owner dies: ``dead`` names the owners whose named lock is free
+(``labsync.store.liveness``), and their claims are taken like expired ones, so orders in the
+hands of a killed process wait seconds, not ``sync.lease``.
+
 Why not ``SELECT … FOR UPDATE SKIP LOCKED``: it needs MySQL 8 or MariaDB 10.6, and Bitrix
 hosts often run older servers. A conditional UPDATE works on every MySQL, MariaDB and
 SQLite, and it needs no long-held row locks on the site's own ``local_lab_orders``.
@@ -19,14 +23,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy import Connection, and_, insert, or_, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from labsync.store.orders import PendingOrder
+from labsync.store.orders import PendingOrder, free
 from labsync.store.tables import labsync_orders
 
 
@@ -49,8 +53,11 @@ def _insert_missing(conn: Connection, page: Sequence[PendingOrder], now: datetim
 
 
 def claim(conn: Connection, page: Sequence[PendingOrder], *, owner: str, now: datetime,
-          until: datetime) -> set[int]:
-    """Claim what can be claimed of ``page`` until ``until``; return the claimed order IDs."""
+          until: datetime, dead: Collection[str] = ()) -> set[int]:
+    """Claim what can be claimed of ``page`` until ``until``; return the claimed order IDs.
+
+    Free are orders nobody holds, whose lease ran out, or whose owner is in ``dead``.
+    """
     if not page:
         return set()
     s = labsync_orders
@@ -58,8 +65,7 @@ def claim(conn: Connection, page: Sequence[PendingOrder], *, owner: str, now: da
     _insert_missing(conn, page, now)
     conn.execute(
         update(s)
-        .where(s.c.ORDER_ID.in_(ids),
-               or_(s.c.LEASE_OWNER.is_(None), s.c.LEASE_UNTIL < now, s.c.LEASE_OWNER == owner))
+        .where(s.c.ORDER_ID.in_(ids), or_(free(now, dead), s.c.LEASE_OWNER == owner))
         .values(LEASE_OWNER=owner, LEASE_UNTIL=until)
     )
     return set(conn.execute(

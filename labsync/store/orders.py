@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Select,
     and_,
@@ -54,15 +55,25 @@ class PendingOrder:
     results_count: int | None = None
 
 
+def free(now_utc: datetime, dead: Collection[str] = ()) -> ColumnElement[bool]:
+    """An order's claim is free: nobody holds it, its lease ran out, or its owner is dead."""
+    s = labsync_orders
+    clauses = [s.c.LEASE_OWNER.is_(None), s.c.LEASE_UNTIL < now_utc]
+    if dead:
+        clauses.append(s.c.LEASE_OWNER.in_(sorted(dead)))
+    return or_(*clauses)
+
+
 def pending_page(
     conn: Connection, *, after_id: int, limit: int, now_utc: datetime, due_only: bool = True,
-    recheck_since: datetime | None = None,
+    recheck_since: datetime | None = None, dead: Collection[str] = (),
 ) -> list[PendingOrder]:
     """The next ``limit`` orders to ask about, with ID above ``after_id`` (keyset paging).
 
     Pending orders, and with ``recheck_since`` completed orders completed since then that
     still have a recheck scheduled. ``due_only`` skips orders whose next poll time is still
-    ahead. Orders another instance holds a live claim on are skipped always.
+    ahead. Orders another instance holds a live claim on are skipped always; ``dead`` names
+    owners known to be dead, whose claims are not live.
     """
     o, s = local_lab_orders, labsync_orders
     due = or_(s.c.NEXT_POLL_AT.is_(None), s.c.NEXT_POLL_AT <= now_utc) if due_only else true()
@@ -75,8 +86,7 @@ def pending_page(
         select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
                s.c.RESULTS_HASH, s.c.FIRST_SEEN_AT, s.c.STALE_AT, s.c.RESULTS_COUNT)
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
-        .where(o.c.ID > after_id, wanted,
-               or_(s.c.LEASE_OWNER.is_(None), s.c.LEASE_UNTIL < now_utc))
+        .where(o.c.ID > after_id, wanted, free(now_utc, dead))
         .order_by(o.c.ID)
         .limit(limit)
     )

@@ -6,7 +6,10 @@ during start-up, after a random number of completed orders (mid-page, often mid-
 while a PDF is downloading (a temporary file exists), or at a random time. After every kill,
 ``check_invariants``: each order is either not completed (no result row, no mail, at most a
 complete PDF at its final path) or completed with all its rows, its whole PDF and exactly one
-mail event. Then clean passes finish the work and nothing is left over or duplicated.
+mail event. Then ONE ordinary ``sync-once`` finishes the work, with the default
+``sync.lease`` of 15 minutes: the dead processes' claims end with them (their named locks)
+and their temporary files are swept at its start (their writers are gone), so nothing
+waits out a lease or an age, and nothing is left over or duplicated.
 
 ``test_daemon_process.py`` covers SIGTERM (a clean stop) and ``test_instances.py`` two
 processes at once; this covers the unclean end.
@@ -14,7 +17,6 @@ processes at once; this covers the unclean end.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -109,7 +111,7 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
                 lis.inject(name, "pdf", Fault(delay=0.6), times=None)
         config = write_config(tmp_path / "c.toml", db_url=site.url, lis_url=lis.base_url,
                               api_key=API_KEY, pdf_dir=pdf_dir, lis={"max_concurrency": 3},
-                              sync={"page_size": 10, "lease": "1s", "interval": "1s"})
+                              sync={"page_size": 10, "interval": "1s"})
         # Every kind of moment in every round of five, in a random order.
         seen_early: set[str] = set()  # orders whose PDF was moved into place, not committed
         plan = [m for _ in range(0, kills, len(MOMENTS)) for m in rng.sample(MOMENTS, 5)]
@@ -138,22 +140,18 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
                               "completed_by_it": counts["completed"] - before,
                               "temp_files": len(left), "pdf_before_commit": published_early,
                               "completed_total": counts["completed"]})
-            time.sleep(1.1)  # the dead process's leases run out (sync.lease = 1s)
         assert completed_count(site) < count, "every order was done before the kills ended"
-
-        # Temporary files left by kills are swept once they are an hour old (another
-        # instance may be writing a fresh one). Age them so the clean pass may sweep them.
+        claimed = site.scalar("SELECT COUNT(*) FROM labsync_orders WHERE LEASE_OWNER IS NOT "
+                              "NULL AND LEASE_UNTIL > UTC_TIMESTAMP()")
         leftovers = temp_files(pdf_dir)
-        old = time.time() - 2 * 3600
-        for temp in leftovers:
-            os.utime(temp, (old, old))
+
         lis.latency = 0.005
         lis.clear_faults()
-        passes = 0
-        while completed_count(site) < count and passes < 3:
-            proc = labsync(config, "sync-once", "--all", log=tmp_path / f"clean-{passes}.log")
-            assert proc.wait(timeout=300) == 0
-            passes += 1
+        started = time.monotonic()
+        clean_log = tmp_path / "clean.log"
+        proc = labsync(config, "sync-once", log=clean_log)
+        assert proc.wait(timeout=300) == 0
+        clean_s = time.monotonic() - started
 
     counts = check_invariants(site, pdf_dir, **expected)
     assert counts == {"completed": count, "not_completed": 0}
@@ -166,10 +164,62 @@ def test_sigkill_at_random_moments_never_leaves_a_half_done_order(site, tmp_path
     assert site.scalar("SELECT COUNT(*) FROM labsync_orders") == count
     moments = {m: sum(1 for e in log_lines if e["moment"].startswith(m)) for m in MOMENTS}
     record("SIGKILL at random moments", injected=f"SIGKILL of sync-once --all / run, "
-           f"{count} orders", times=kills, outcome=f"invariants held after every kill; "
-           f"{passes} clean pass(es) completed all", lost=0, duplicated=0, moments=moments,
+           f"{count} orders", times=kills,
+           outcome="invariants held after every kill; one ordinary sync-once completed all "
+           "and swept every temporary file", lost=0, duplicated=0, moments=moments,
            kills_mid_pass=sum(1 for e in log_lines if e["pass_started"]),
            kills_with_temp_files=sum(1 for e in log_lines if e["temp_files"]),
            kills_with_pdf_before_commit=sum(1 for e in log_lines if e["pdf_before_commit"]),
-           temp_files_aged_and_swept=len(leftovers),
+           claims_of_dead_processes=claimed, temp_files_swept_at_start=len(leftovers),
+           owners_taken_over=_count(clean_log, '"claims.owner_gone"'),
+           clean_pass_s=round(clean_s, 1),
            completed_during_kills=log_lines[-1]["completed_total"], detail=log_lines)
+
+
+def test_an_instance_killed_mid_pass_leaves_its_orders_to_the_other_within_30_s(site, tmp_path):
+    """Two `labsync run` instances share the work; one is SIGKILLed in the middle of its pass.
+    The other, whose next interval is 15 minutes away, takes the dead one's claims over (its
+    ``takeover`` check) and finishes every order within 30 s of the kill."""
+    count = scaled(200, 400)
+    names = [f"K-{i:04d}" for i in range(count)]
+    pdfs = {n: sample_pdf(f"Lab results {n}") for n in names}
+    add_orders(site, names)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with FakeQlab(api_key=API_KEY, latency=0.04) as lis:
+        for name in names:
+            lis.add_order(name, results=RESULTS, pdf=pdfs[name])
+        config = write_config(tmp_path / "c.toml", db_url=site.url, lis_url=lis.base_url,
+                              api_key=API_KEY, pdf_dir=tmp_path / "pdfs",
+                              lis={"max_concurrency": 2}, sync={"page_size": 10})
+        a, b = (labsync(config, "run", log=log) for log in logs)
+        try:
+            # A is mid-pass: it has completed orders and holds claims on more.
+            assert _wait_for(lambda: _count(logs[0], '"order.completed"') >= 15, 60)
+            assert _wait_for(lambda: _count(logs[1], '"order.completed"') >= 1, 60)
+            a.kill()
+            a.wait(timeout=30)
+            killed_at = time.monotonic()
+            held = site.scalar(  # claims whose owner's named lock is free: A's
+                "SELECT COUNT(*) FROM labsync_orders o JOIN local_lab_orders l "
+                "ON l.ID = o.ORDER_ID WHERE o.LEASE_OWNER IS NOT NULL AND "
+                "l.STATUS <> 'completed' AND "
+                "IS_USED_LOCK(CONCAT('labsync/', SHA1(o.LEASE_OWNER))) IS NULL")
+            assert held > 0, "the kill came after the work was done"
+            done = _wait_for(lambda: completed_count(site) == count, 30)
+            taken_over_s = time.monotonic() - killed_at
+            assert done, f"{count - completed_count(site)} orders left 30 s after the kill"
+        finally:
+            for proc in (a, b):
+                if proc.poll() is None:
+                    proc.terminate()
+            assert b.wait(timeout=60) == 0
+    assert '"claims.takeover"' in logs[1].read_text()
+    counts = check_invariants(site, tmp_path / "pdfs",
+                              expected_results={n: 3 for n in names}, expected_pdfs=pdfs)
+    assert counts == {"completed": count, "not_completed": 0}
+    assert set(mail_counts(site).values()) == {1}
+    assert temp_files(tmp_path / "pdfs") == []
+    record("Instance killed mid-pass, another running", injected=f"SIGKILL of one of two "
+           f"`labsync run`, {count} orders", times=1,
+           outcome=f"the other completed all {count} orders {taken_over_s:.1f} s after the kill",
+           orders_claimed_by_the_dead=held, takeover_s=round(taken_over_s, 1))
