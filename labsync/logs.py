@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 import structlog
@@ -20,10 +21,10 @@ _KEY_HEADER = re.compile(r"(?P<head>x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"
 MASK = "***"
 # structlog's own bookkeeping (the stdlib LogRecord); removed before rendering, kept intact.
 _META_KEYS = frozenset({"_record", "_from_structlog"})
-# apscheduler's executors say "Running job"/"executed successfully" every run: our own job
-# lines say more; its scheduler's start/stop/missed lines stay.
-LIBRARY_LOGGERS = {"apscheduler": logging.INFO, "apscheduler.executors": logging.WARNING,
-                   "urllib3": logging.WARNING,
+# apscheduler's INFO is chatter ("Adding job tentatively", "Added job", "Scheduler started",
+# "Running job" every run): labsync's own daemon.* and job lines say more. Its WARNING and
+# above stay: a missed run, a run skipped because the last one is still going, a job's error.
+LIBRARY_LOGGERS = {"apscheduler": logging.WARNING, "urllib3": logging.WARNING,
                    "sqlalchemy": logging.WARNING, "labsync.fake_qlab": logging.WARNING}
 
 
@@ -94,6 +95,42 @@ class PoolResetFilter(logging.Filter):
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+class _Holder(logging.Filter):
+    """Keeps every line of one logger out of the output and hands it to ``held``'s caller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # A structlog line reaches the stdlib logger as its event dict (wrap_for_formatter).
+        if isinstance(record.msg, Mapping):
+            event = {k: v for k, v in record.msg.items() if k not in _META_KEYS}
+        else:
+            event = {"event": record.getMessage()}
+        event.setdefault("level", record.levelname.lower())
+        self.events.append(event)
+        return False
+
+
+@contextmanager
+def held(logger_name: str) -> Iterator[list[dict[str, Any]]]:
+    """Hold back the lines of ``logger_name`` (exactly that logger) while the block runs.
+
+    For ``labsync check``: what the LIS probe logs (``lis.retry``) would land in the middle
+    of the report; the check reads the held events and says what they mean in its own line.
+    Only lines that pass the logger's level are held, and only through ``setup``'s stdlib
+    bridge (structlog's default configuration prints without the stdlib loggers).
+    """
+    holder = _Holder()
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(holder)
+    try:
+        yield holder.events
+    finally:
+        logger.removeFilter(holder)
 
 
 def setup(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import Engine, and_, func, select
@@ -104,7 +105,7 @@ def render_status(report: dict[str, Any]) -> str:
     last = report["last_pass"]
     if last:
         lines.append(
-            f"last pass: #{last['ID']} started {last['STARTED_AT']} UTC, "
+            f"last pass: #{last['ID']} started {_utc(last['STARTED_AT'])}, "
             f"outcome {last['OUTCOME'] or 'running'}, checked {last['CHECKED']}, completed "
             f"{last['COMPLETED']}, failed {last['FAILED']}, mail events {last['EVENTS']}, "
             f"{(last['DURATION_MS'] or 0) / 1000:.1f} s")
@@ -113,13 +114,13 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"stale orders (pending over sync.stale_after, asked once a day): "
                  f"{report['stale_total']}")
     for entry in report["stale"]:
-        lines.append(f"  {entry['order']}: stale since {entry['stale_since']} UTC")
+        lines.append(f"  {entry['order']}: stale since {_utc(entry['stale_since'])}")
     lines.append(f"mail events waiting for the site to send: {report['mail_queued_unsent']}")
     failures = report["failures_24h"]
     lines.append(f"orders failing in the last 24 h: {len(failures)}")
     for f in failures:
         lines.append(f"  {f['order']}: {f['failures']}x, {f['kind']}: {f['error']} "
-                     f"(next try {f['next_poll']} UTC)")
+                     f"(next try {_utc(f['next_poll']) if f['next_poll'] else 'next pass'})")
     return "\n".join(lines)
 
 
@@ -143,30 +144,79 @@ def collect_order(config: Config, external_id: str) -> dict[str, Any] | None:
     return found
 
 
-def render_order(report: dict[str, Any]) -> str:
+def render_order(report: dict[str, Any], *, zone: tzinfo | str,
+                 backend: str = "bitrix") -> str:
+    """The text of ``labsync order``. Every time says which clock it is: the site's columns
+    (``ORDER_DATE``, ``SYNCED_AT``) in site time, labelled with ``zone`` (site.timezone);
+    labsync's own bookkeeping in UTC."""
     order, state = report["order"], report["labsync"]
+
+    def site(value: Any) -> str:
+        return f"{_when(value)} (site, {zone})"
+
     lines = [f"order {order['EXTERNAL_ORDER_ID']} (local ID {order['ID']}, user "
-             f"{order['USER_ID']}, ordered {order['ORDER_DATE']}): {order['STATUS']}, "
-             f"synced {order['SYNCED_AT'] or 'never'}"]
+             f"{order['USER_ID']}): {order['STATUS']}",
+             f"  ordered {site(order['ORDER_DATE']) if order['ORDER_DATE'] else 'no date'}; "
+             f"synced {site(order['SYNCED_AT']) if order['SYNCED_AT'] else 'never'}"]
     if state is None:
         lines.append("  labsync has not polled it yet")
     else:
+        error = state["LAST_ERROR"]
         lines += [
-            f"  first seen {state['FIRST_SEEN_AT']} UTC; polls {state['POLLS']}; last poll "
-            f"{state['LAST_POLL_AT']} UTC; LIS status {state['LIS_STATUS']}",
+            f"  LIS status: {_lis_status(state)}",
+            f"  first seen {_utc(state['FIRST_SEEN_AT'])}; polls {state['POLLS']}; last poll "
+            f"{_utc(state['LAST_POLL_AT']) if state['LAST_POLL_AT'] else 'none'}",
             f"  failures: {state['FAILURES']} in a row, {state['FAILURES_TOTAL']} in all; last "
-            f"error: {state['LAST_ERROR'] or 'none'}",
-            f"  next poll: {state['NEXT_POLL_AT'] or 'next pass'}"
-            + (f"; stale since {state['STALE_AT']}" if state["STALE_AT"] else "")
-            + (f"; claimed by {state['LEASE_OWNER']} until {state['LEASE_UNTIL']}"
+            + (f"error{_at(state['LAST_ERROR_AT'])} ({state['LAST_ERROR_KIND']}): {error}"
+               if error else "error: none"),
+            f"  next poll: {_utc(state['NEXT_POLL_AT']) if state['NEXT_POLL_AT'] else 'next pass'}"
+            + (f"; stale since {_utc(state['STALE_AT'])}" if state["STALE_AT"] else "")
+            + (f"; claimed by {state['LEASE_OWNER']} until {_utc(state['LEASE_UNTIL'])}"
                if state["LEASE_OWNER"] else ""),
             f"  PDF: {state['PDF_PATH'] or 'none'}"
             + (f" ({state['PDF_BYTES']} bytes)" if state["PDF_BYTES"] else ""),
             f"  mail: {state['MAIL_STATE'] or 'not yet'}"
-            + (f", b_event #{state['MAIL_EVENT_ID']}" if state["MAIL_EVENT_ID"] else ""),
+            + (f", {'labsync_outbox' if backend == 'smtp' else 'b_event'} "
+               f"#{state['MAIL_EVENT_ID']}" if state["MAIL_EVENT_ID"] else "")
+            + (f", at {_utc(state['NOTIFIED_AT'])}" if state["NOTIFIED_AT"] else ""),
         ]
     lines.append(f"  results stored: {len(report['results'])}")
     for r in report["results"]:
         flag = "  [abnormal]" if r["IS_ABNORMAL"] == "Y" else ""
         lines.append(f"    {r['TEST_NAME']}: {r['RESULT_VALUE']} {r['RESULT_UNIT'] or ''}{flag}")
     return "\n".join(lines)
+
+
+def _lis_status(state: Mapping[str, Any]) -> str:
+    """What the LIS last said of the order, or why there is nothing to show."""
+    status, failures, kind = state["LIS_STATUS"], state["FAILURES"], state["LAST_ERROR_KIND"]
+    if status is not None:
+        if not failures:
+            return str(status)
+        polls = "the last poll" if failures == 1 else f"the last {failures} polls"
+        return f"{status} (its last answer; {polls} failed)"
+    # No poll has had an answer yet: every one failed, or none was made.
+    if not state["POLLS"]:
+        return "not asked yet"
+    if kind == "unknown_order":
+        return "unknown to the LIS (it answered 404: no such order, or not yet)"
+    polls = state["POLLS"]
+    return f"no answer yet ({'its one poll' if polls == 1 else f'all {polls} polls'} failed)"
+
+
+def _when(value: Any) -> str:
+    """A date or a naive datetime, to the second, without its zone (the caller labels it)."""
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S}"
+    if isinstance(value, date):
+        return f"{value:%Y-%m-%d}"
+    return str(value)
+
+
+def _utc(value: Any) -> str:
+    """One of labsync's own columns: naive UTC."""
+    return f"{_when(value)} UTC"
+
+
+def _at(value: Any) -> str:
+    return f" {_utc(value)}" if value is not None else ""

@@ -11,8 +11,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from labsync.store import ddl
-from tests.conftest import add_order, add_user, make_config, sql_statements
-from tests.helpers import RESULTS, events, results, run_pass
+from tests.conftest import sql_statements
 
 ROOT = Path(__file__).parent.parent
 
@@ -47,38 +46,6 @@ def test_init_db_on_mariadb_makes_the_same_tables_as_the_sql_files(mariadb):
         with admin.begin() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {scratch}"))
         admin.dispose()
-
-
-@pytest.mark.mariadb
-def test_a_full_pass_runs_with_only_the_grants_of_sql_grants_sql(mariadb, fake_lis, tmp_path):
-    db_name = make_url(mariadb.url).database
-    user = f"ls_{secrets.token_hex(3)}"
-    password = secrets.token_hex(8)
-    grants = (ROOT / "sql" / "grants.sql").read_text()
-    grants = grants.replace("bitrix.", f"{db_name}.").replace("'labsync'@'localhost'",
-                                                              f"'{user}'@'%'")
-    grants = grants.replace("'change-me'", f"'{password}'")
-    mariadb.clear()
-    with mariadb.engine.begin() as conn:
-        for statement in sql_statements(grants):
-            conn.execute(text(statement))
-    try:
-        add_user(mariadb, 7)
-        add_order(mariadb, "G-1", 7)
-        fake_lis.add_order("G-1", results=RESULTS)
-        fake_lis.add_order("G-2", results=RESULTS)  # unknown to the site: nothing happens
-        url = make_url(mariadb.url).set(username=user, password=password)
-        limited = type(mariadb)("mariadb", url.render_as_string(hide_password=False),
-                                mariadb.engine)
-        config = make_config(limited, fake_lis, tmp_path / "pdfs")
-
-        summary = run_pass(config)
-
-        assert summary.completed == 1
-        assert len(results(mariadb, "G-1")) == 3 and len(events(mariadb)) == 1
-    finally:
-        with mariadb.engine.begin() as conn:
-            conn.execute(text(f"DROP USER IF EXISTS '{user}'@'%'"))
 
 
 def _normalised(create: str) -> list[str]:

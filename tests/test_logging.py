@@ -82,9 +82,33 @@ def test_library_debug_chatter_is_dropped(setup_logs):
 
     logging.getLogger("urllib3.connectionpool").info("Starting new HTTP connection (1)")
     logging.getLogger("sqlalchemy.engine.Engine").info("SELECT * FROM b_user")
+    # apscheduler's INFO is chatter too; its warnings (a run skipped or missed) are not.
     logging.getLogger("apscheduler.scheduler").info("Scheduler started")
+    logging.getLogger("apscheduler.scheduler").info(
+        "Adding job tentatively -- it will be properly scheduled when the scheduler starts")
+    logging.getLogger("apscheduler.executors.default").info('Running job "sync"')
+    logging.getLogger("apscheduler.scheduler").warning(
+        'Execution of job "sync" skipped: maximum number of running instances reached (1)')
 
     assert [line["logger"] for line in lines(stream)] == ["apscheduler.scheduler"]
+    assert lines(stream)[0]["level"] == "warning"
+
+
+def test_holding_back_a_logger_keeps_its_lines_for_the_caller_and_out_of_the_output(
+        setup_logs):
+    stream = setup_logs(fmt="json", secrets=(SECRET,))
+    lis = structlog.get_logger("labsync.lis")
+
+    with logs.held("labsync.lis") as held:
+        lis.warning("lis.retry", attempt=1, detail=f"HTTP 503 {SECRET}")
+        lis.debug("below the level: not held either")
+        structlog.get_logger("labsync.sync").info("pass.started")  # another logger: not held
+    lis.warning("lis.retry", attempt=2)  # after the block: out as usual
+
+    assert [(e["event"], e.get("attempt")) for e in held] == [("lis.retry", 1)]
+    assert held[0]["detail"] == "HTTP 503 ***"  # redacted like any line
+    assert [(line["event"], line.get("attempt")) for line in lines(stream)] == [
+        ("pass.started", None), ("lis.retry", 2)]
 
 
 def test_level_setting_drops_lower_lines(setup_logs):

@@ -1,11 +1,11 @@
-"""`labsync check` warns when the site has no active mail template for labsync's events."""
+"""`labsync check` and the mail templates: the site's (Bitrix backend) or labsync's own (SMTP)."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy import text
 
-from labsync.checks import run_checks
+from labsync.checks import check_all, run_checks
 from tests.conftest import make_config
 
 # The columns of Bitrix's b_event_message / b_event_message_site that the check reads.
@@ -70,3 +70,31 @@ def test_without_the_template_tables_the_check_says_it_could_not_look(db, fake_l
     problems, notes = run_checks(make_config(db, fake_lis, tmp_path / "p"))
     assert not [p for p in problems if p.startswith("notify.")]
     assert any("mail templates not checked" in n for n in notes)
+
+
+def test_a_template_check_that_could_not_look_is_skipped_not_ok(db, fake_lis, tmp_path):
+    report = check_all(make_config(db, fake_lis, tmp_path / "p"))
+    [finding] = [f for f in report.findings if "mail template" in f.text]
+    assert finding.verdict == "skipped"
+    assert finding.text.startswith("mail templates not checked: b_event_message is not readable")
+
+
+def test_active_templates_are_ok_findings_naming_event_and_site(templates, fake_lis, tmp_path):
+    _template(templates, 1, "LAB_RESULTS_READY", sites=("s1",))
+    _template(templates, 2, "LAB_RESULTS_UPDATED", sites=("s1",))
+    report = check_all(make_config(templates, fake_lis, tmp_path / "p"))
+    assert [(f.verdict, f.text) for f in report.findings if "mail template" in f.text] == [
+        ("ok", "mail template for LAB_RESULTS_READY on site s1 is active"),
+        ("ok", "mail template for LAB_RESULTS_UPDATED on site s1 is active"),
+    ]
+
+
+def test_with_the_smtp_backend_the_site_templates_are_not_asked_about(db, fake_lis, tmp_path):
+    config = make_config(db, fake_lis, tmp_path / "p", notify={"backend": "smtp"},
+                         smtp={"host": "127.0.0.1", "port": 1, "from": "lab@example.ru",
+                               "starttls": False, "site_url": "https://lab.example.ru"})
+    report = check_all(config)
+    assert not [f for f in report.findings if "b_event_message" in f.text
+                or "mail template for" in f.text]
+    # Its own templates are checked instead: the built-in set, as nothing else is configured.
+    assert [f.verdict for f in report.findings if f.text.startswith("mail: ")] == ["ok"]

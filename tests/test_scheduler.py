@@ -7,9 +7,11 @@ The jobs are the daemon's own (its wrapper, its defaults), around a stand-in pas
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from io import StringIO
 from types import SimpleNamespace
 
 import apscheduler.schedulers.base as apscheduler_base
@@ -17,7 +19,9 @@ import pytest
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from labsync import logs
 from labsync.daemon import Daemon, job_defaults
+from tests.helpers import restored_logging
 
 INTERVAL = 900.0
 
@@ -37,6 +41,8 @@ class _Clock:
 
 class _Pass:
     """A stand-in for SyncEngine.run_pass: counts calls, can block or fail on demand."""
+
+    liveness = SimpleNamespace(enabled=False)  # SQLite-like: no takeover job
 
     def __init__(self) -> None:
         self.calls = 0
@@ -78,8 +84,7 @@ def clock(monkeypatch):
     return fake
 
 
-@pytest.fixture
-def daemon(clock):
+def _started_daemon(clock: _Clock) -> tuple[Daemon, _Pass]:
     fake_pass = _Pass()
     app = SimpleNamespace(
         config=SimpleNamespace(sync=SimpleNamespace(interval=INTERVAL, stop_timeout=5),
@@ -91,6 +96,12 @@ def daemon(clock):
     d.add_jobs(now=clock.now_value)
     d.scheduler.remove_job("housekeeping")
     d.scheduler.start()
+    return d, fake_pass
+
+
+@pytest.fixture
+def daemon(clock):
+    d, fake_pass = _started_daemon(clock)
     yield d, fake_pass
     fake_pass.release.set()
     d.scheduler.shutdown(wait=True)
@@ -150,6 +161,31 @@ def test_runs_missed_while_the_host_slept_run_once_not_n_times(daemon, clock):
     assert fake_pass.calls == 2
     next_run = d.scheduler.get_job("sync").next_run_time
     assert next_run > clock.now_value  # the schedule moved on past the sleep
+
+
+def test_apscheduler_info_chatter_stays_out_of_the_log_and_its_warnings_do_not(clock):
+    stream = StringIO()
+    with restored_logging():
+        logs.setup("info", "json", stream=stream)  # as `labsync run` sets it up
+        d, fake_pass = _started_daemon(clock)  # adds the jobs, then starts: the chatty part
+        try:
+            _wait_done(fake_pass)
+            fake_pass.release.clear()  # the next pass hangs...
+            _tick(d, clock, INTERVAL)
+            deadline = time.monotonic() + 5
+            while fake_pass.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _tick(d, clock, INTERVAL)  # ...and is still running when the one after is due
+            time.sleep(0.3)
+        finally:
+            fake_pass.release.set()
+            d.scheduler.shutdown(wait=True)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    from_apscheduler = [line for line in lines if line["logger"].startswith("apscheduler")]
+    [skipped] = from_apscheduler
+    assert skipped["level"] == "warning"
+    assert skipped["event"].startswith('Execution of job "sync ')
+    assert "skipped: maximum number of running instances reached" in skipped["event"]
 
 
 def test_a_failing_pass_is_logged_and_the_next_one_still_runs(daemon, clock):

@@ -7,6 +7,7 @@ drops every connection, or a port nobody listens on. The clock is controlled; no
 from __future__ import annotations
 
 import email
+import ipaddress
 import random
 import shutil
 import smtplib
@@ -15,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -31,6 +33,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from sqlalchemy import create_engine, select, update
 
+from labsync import config as config_mod
+from labsync.checks import check_all
 from labsync.config import NotifyConfig, Secret
 from labsync.errors import ConfigError
 from labsync.mail import SmtpNotifier, outbox
@@ -44,14 +48,14 @@ from labsync.mail.sender import (
     mask_text,
     retry_delay,
 )
-from labsync.mail.smtp_config import SmtpConfig, smtp_config_from
+from labsync.mail.smtp_config import BUILTIN_TEMPLATES, SmtpConfig, smtp_config_from
 from labsync.mail.templates import SAMPLE, MailTemplates
 from labsync.store.tables import labsync_outbox
-from tests.conftest import Db, add_order, add_user
+from tests.conftest import Db, add_order, add_user, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
-RU = ROOT / "config" / "templates"
-EN = RU / "en"
+RU = BUILTIN_TEMPLATES / "ru"  # the templates labsync ships, as an installed labsync has them
+EN = BUILTIN_TEMPLATES / "en"
 MOSCOW = ZoneInfo("Europe/Moscow")
 NOW_SITE = datetime(2026, 11, 20, 12, 0, 0)  # Moscow; 09:00 UTC
 START = datetime(2026, 11, 20, 9, 0, 5)  # UTC, naive, as labsync's own tables hold it
@@ -647,7 +651,7 @@ def test_both_sample_sets_validate_and_render(folder: Path, ready: str, updated:
 
 def copy_templates(tmp_path: Path) -> Path:
     folder = tmp_path / "templates"
-    shutil.copytree(RU, folder, ignore=shutil.ignore_patterns("en"))
+    shutil.copytree(RU, folder)
     return folder
 
 
@@ -763,6 +767,168 @@ def test_an_absent_smtp_section_is_a_problem_only_when_smtp_is_the_backend() -> 
     _, problems = smtp_config_from({"host": "${NOPE}", "from": "lab@example.ru",
                                     "site_url": "https://x.ru", "templates": str(RU)}, {})
     assert problems == ["smtp.host: environment variable NOPE is not set"]
+
+
+# -- the templates an installed labsync ships ---------------------------------------------
+
+MINIMAL = {"host": "smtp.example.ru", "from": "lab@example.ru",
+           "site_url": "https://lab.example.ru"}
+
+
+def test_without_smtp_templates_the_built_in_russian_templates_are_used() -> None:
+    config, problems = smtp_config_from(MINIMAL, {})
+    assert problems == []
+    assert config is not None
+    assert (config.templates, config.language, config.uses_builtin_templates) == (RU, None, True)
+    assert MailTemplates(config.templates).render("ready", SAMPLE).subject.startswith(
+        "Результаты анализов")
+
+
+def test_smtp_language_en_chooses_the_built_in_english_templates() -> None:
+    config, problems = smtp_config_from({**MINIMAL, "language": "en"}, {})
+    assert problems == []
+    assert config is not None and (config.templates, config.language) == (EN, "en")
+    assert MailTemplates(config.templates).render("ready", SAMPLE).subject.startswith(
+        "Your lab results")
+
+
+@pytest.mark.parametrize("language", ["de", "RU", 5, ""])
+def test_an_unknown_smtp_language_is_a_problem_naming_the_key(language: Any) -> None:
+    config, problems = smtp_config_from({**MINIMAL, "language": language}, {})
+    assert config is None
+    assert problems == [f"smtp.language: must be 'ru' or 'en' (the language of the built-in "
+                        f"templates), not {language!r}"]
+
+
+def test_smtp_templates_still_overrides_the_built_in_set(tmp_path: Path) -> None:
+    folder = copy_templates(tmp_path)
+    (folder / "ready.subject.j2").write_text("Анализы {{ ORDER_ID }}\n", encoding="utf-8")
+    config, problems = smtp_config_from({**MINIMAL, "templates": str(folder)}, {})
+    assert problems == []
+    assert config is not None
+    assert (config.templates, config.uses_builtin_templates) == (folder, False)
+    assert MailTemplates(config.templates).render("ready", SAMPLE).subject == (
+        "Анализы QL-2026-000123")
+
+
+def test_a_missing_smtp_templates_folder_says_how_to_use_the_built_in_ones(
+        tmp_path: Path) -> None:
+    _, problems = smtp_config_from({**MINIMAL, "templates": str(tmp_path / "nowhere")}, {})
+    [problem] = problems
+    assert problem.startswith(f"smtp.templates: {tmp_path / 'nowhere'} is not a directory")
+    assert "leave smtp.templates out for the built-in templates" in problem
+    assert str(BUILTIN_TEMPLATES) in problem
+
+
+def test_an_smtp_backend_config_without_smtp_templates_loads(tmp_path: Path) -> None:
+    # What an installed labsync met: no /etc/labsync/templates, and none needed.
+    config = config_mod.from_mapping({
+        "database": {"url": f"sqlite:///{tmp_path / 'site.db'}"},
+        "site": {"timezone": "Europe/Moscow"},
+        "lis": {"adapter": "qlab", "base_url": "https://api.qlab.ru/v2", "api_key": "k" * 16},
+        "pdf": {"dir": str(tmp_path / "pdfs")},
+        "notify": {"backend": "smtp"},
+        "smtp": MINIMAL,
+    }, env={})
+    assert config.smtp is not None and config.smtp.templates == RU
+
+
+def test_the_built_in_templates_are_package_data_of_the_wheel() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["labsync"]
+    shipped = {path for pattern in patterns for path in (ROOT / "labsync").glob(pattern)}
+    templates = sorted(BUILTIN_TEMPLATES.rglob("*"))
+    files = [path for path in templates if path.is_file()]
+    assert {path.parent.name for path in files} == {"ru", "en"}
+    assert len(files) == 12  # three parts of two kinds of mail, in two languages
+    assert set(files) <= shipped
+
+
+def test_check_says_which_templates_it_checked(db: Db, fake_lis: Any, tmp_path: Path) -> None:
+    smtp = {"host": "127.0.0.1", "port": free_port(), "from": "lab@example.ru",
+            "starttls": False, "site_url": "https://lab.example.ru"}
+    folder = copy_templates(tmp_path)
+    lines: dict[str, list[tuple[str, str]]] = {}
+    for name, extra in (("ru", {}), ("en", {"language": "en"}),
+                        ("own", {"templates": str(folder)}),
+                        ("both", {"templates": str(folder), "language": "en"})):
+        report = check_all(make_config(db, fake_lis, tmp_path / "p", notify={"backend": "smtp"},
+                                       smtp={**smtp, **extra}))
+        lines[name] = [(f.verdict, f.text) for f in report.findings
+                       if f.text.startswith(("mail: ", "smtp.language"))]
+    assert lines["ru"] == [("ok", f'mail: the built-in templates (smtp.language = "ru") in {RU} '
+                                  "render with sample values")]
+    assert lines["en"] == [("ok", f'mail: the built-in templates (smtp.language = "en") in {EN} '
+                                  "render with sample values")]
+    assert lines["own"] == [("ok", f"mail: the templates in {folder} (smtp.templates) render "
+                                   "with sample values")]
+    assert lines["both"] == lines["own"] + [
+        ("warning", 'smtp.language = "en" has no effect: smtp.templates is set, and its '
+                    "folder's templates are sent as they are")]
+
+
+def test_check_says_login_only_when_it_logged_in(db: Db, fake_lis: Any, tmp_path: Path) -> None:
+    password_file = tmp_path / "pw"
+    password_file.write_text(PASSWORD, encoding="utf-8")
+    auth = Authenticator()
+    with smtp_server(Mailbox(), authenticator=auth, auth_require_tls=False) as server:
+        where = f"127.0.0.1:{server.port}"
+        base = {"host": "127.0.0.1", "port": server.port, "from": "lab@example.ru",
+                "starttls": False, "site_url": "https://lab.example.ru"}
+
+        def smtp_lines(**extra: Any) -> list[tuple[str, str]]:
+            config = make_config(db, fake_lis, tmp_path / "p", notify={"backend": "smtp"},
+                                 smtp={**base, **extra})
+            return [(f.verdict, f.text) for f in check_all(config).findings
+                    if "SMTP server" in f.text or f.text.startswith("smtp.")]
+
+        anonymous = smtp_lines()
+        assert auth.tries == []
+        logged_in = smtp_lines(username="lab", password_file=str(password_file))
+        assert auth.tries == [("lab", PASSWORD)]
+    assert anonymous == [("ok", f"SMTP server {where} answered (no TLS; no login, smtp.username "
+                                "is not set; no mail was sent)")]
+    assert logged_in == [("ok", f"SMTP server {where} (no TLS) accepted the login as lab")]
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine that is not a loopback one, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: picks the outgoing address, sends nothing
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_check_warns_of_mail_crossing_the_network_unencrypted(db: Db, fake_lis: Any,
+                                                             tmp_path: Path) -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback ones")
+
+    def smtp_findings(host: str, port: int) -> list[tuple[str, str]]:
+        smtp = {"host": host, "port": port, "from": "lab@example.ru", "starttls": False,
+                "site_url": "https://lab.example.ru", "timeout": 2}
+        config = make_config(db, fake_lis, tmp_path / "p", notify={"backend": "smtp"},
+                             smtp=smtp)
+        return [(f.verdict, f.text) for f in check_all(config).findings
+                if f.text.startswith(("smtp.", "SMTP server"))]
+
+    controller = Controller(Mailbox(), hostname=address, port=free_port())
+    controller.start()
+    try:
+        remote = smtp_findings(address, controller.port)
+        local = smtp_findings("127.0.0.1", controller.port)  # nothing listens there
+    finally:
+        controller.stop()
+    assert [verdict for verdict, _ in remote] == ["ok", "warning"]
+    assert remote[1][1] == (f"smtp.starttls: the mail to {address}:{controller.port} crosses the "
+                            "network unencrypted; set smtp.starttls = true or smtp.ssl = true if "
+                            "the server offers it")
+    # Unreachable: that is the problem; no warning on top of it (and none for loopback).
+    assert [verdict for verdict, _ in local] == ["problem"]
 
 
 def test_labsync_config_can_import_the_smtp_section_without_a_cycle() -> None:

@@ -3,15 +3,11 @@ to a real SMTP server on localhost; nothing goes into Bitrix's b_event."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from labsync.app import open_app
 from labsync.lis.qlab import QlabClient
 from tests.conftest import add_order, add_user, make_config
 from tests.helpers import RESULTS, events
 from tests.test_smtp import Mailbox, parts, smtp_server
-
-TEMPLATES = Path(__file__).parent.parent / "config" / "templates"
 
 
 def _pass_and_send(config):
@@ -28,7 +24,7 @@ def test_a_completed_and_then_corrected_order_mails_ready_then_updated(db, fake_
         config = make_config(
             db, fake_lis, tmp_path / "pdfs", notify={"backend": "smtp"},
             smtp={"host": "127.0.0.1", "port": server.port, "from": "lab@example.ru",
-                  "starttls": False, "templates": str(TEMPLATES / "en"),
+                  "starttls": False, "language": "en",
                   "site_url": "https://lab.example.ru"})
         add_user(db, 7, email="anna@example.org", name="Anna")
         local_id = add_order(db, "S-1", 7)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from labsync.config import LisConfig, SyncConfig
+from labsync.cli import EXIT_UNUSABLE
+from labsync.config import LisConfig, SyncConfig, load
+from labsync.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "labsync.service"
@@ -102,6 +104,32 @@ def test_unit_is_a_notify_service_with_watchdog_and_restart(unit):
     assert seconds(one(unit, "Service.RestartSec")) > 0
 
 
+def test_an_unusable_config_stops_the_unit_instead_of_restarting_it_every_10_s(unit):
+    """labsync's exit 2 (unusable config, or no database at start) is not restarted, and
+    operations.md says what the operator sees then and does."""
+    assert one(unit, "Service.RestartPreventExitStatus") == str(EXIT_UNUSABLE) == "2"
+    operations = OPERATIONS.read_text()
+    assert "`RestartPreventExitStatus=2`" in operations
+    assert "journalctl -u labsync" in operations and "systemctl restart labsync" in operations
+
+
+def test_the_journal_lines_operations_md_shows_for_a_config_mistake_are_labsyncs_own(
+        tmp_path):
+    """The doc's sample is what labsync prints for that mistake (the example config with a
+    misspelt time zone and a base URL without its scheme), not an invented one."""
+    block = re.search(r"^```text\n(labsync: the configuration cannot be used:\n.*?)^```",
+                      OPERATIONS.read_text(), re.M | re.S)
+    assert block, "docs/operations.md shows no config mistake as the journal has it"
+    _header, *shown = block.group(1).splitlines()
+    text = EXAMPLE_CONFIG.read_text().replace('"Europe/Moscow"', '"Europe/Moskow"')
+    text = text.replace('"https://api.qlab.ru/v2"', '"api.qlab.ru/v2"')
+    path = tmp_path / "labsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load(path, env={})
+    assert shown and {line.strip() for line in shown} <= set(raised.value.problems)
+
+
 def test_watchdog_outlasts_one_lis_request_with_all_its_retries(unit):
     lis = defaults(LisConfig)
     worst_request = lis["retry_max_seconds"] + lis["connect_timeout"] + lis["read_timeout"]
@@ -174,6 +202,19 @@ def test_pdf_folder_is_the_one_writable_path_and_the_documented_one(unit, exampl
     assert one(unit, "Service.StateDirectoryMode") == "0750"
     for doc in (README, OPERATIONS):
         assert pdf_dir in doc.read_text(), doc.name
+
+
+def test_metrics_textfile_is_in_the_folder_the_documented_drop_in_makes_writable(unit):
+    """The example's textfile, the doc's textfile and its ReadWritePaths= agree; the unit
+    itself keeps only the PDF folder writable, so the textfile needs that drop-in."""
+    found = re.search(r'^#\s*textfile\s*=\s*"([^"]+)"', EXAMPLE_CONFIG.read_text(), re.M)
+    assert found, "config/labsync.example.toml has no [metrics] textfile example"
+    textfile = Path(found.group(1))
+    operations = OPERATIONS.read_text()
+    assert f'"{textfile}"' in operations
+    drop_in_paths = re.findall(r"^ReadWritePaths=(\S+)$", operations, re.M)
+    assert str(textfile.parent) in drop_in_paths
+    assert str(textfile.parent) not in unit["Service.ReadWritePaths"]
 
 
 def test_docs_install_the_unit_this_repository_ships():

@@ -4,6 +4,11 @@ Used when ``notify.backend = "smtp"``: labsync renders the mail itself and hands
 server, instead of queueing a ``b_event`` row for the site's mail agent. Every problem is
 reported with its key (``smtp.port: must be an integer from 1 to 65535``); the templates are
 loaded and checked here too, so a template mistake is a config error at start-up.
+
+The templates come with the package (``default_templates/ru`` and ``default_templates/en``
+beside this module; ``smtp.language`` picks one, Russian by default), so an installed
+labsync needs no template files of its own. ``smtp.templates`` names a folder of the
+site's own instead, usually a copy of a built-in set, edited.
 """
 
 from __future__ import annotations
@@ -21,11 +26,24 @@ from labsync.errors import ConfigError
 if TYPE_CHECKING:  # labsync.config imports this module: no import of it at load time
     from labsync.config import Secret
 
-DEFAULT_TEMPLATES = "/etc/labsync/templates"
+# Shipped as package data (pyproject.toml): one folder per language, the same six files each.
+BUILTIN_TEMPLATES = Path(__file__).resolve().parent / "default_templates"
+LANGUAGES = ("ru", "en")
+DEFAULT_LANGUAGE = "ru"
 KNOWN_KEYS = frozenset({
     "host", "port", "from", "starttls", "ssl", "username", "password_file", "templates",
-    "site_url", "timeout", "ca_file",
+    "language", "site_url", "timeout", "ca_file",
 })
+
+
+def builtin_templates(language: str = DEFAULT_LANGUAGE) -> Path:
+    """The folder of the templates labsync ships for ``language`` (one of ``LANGUAGES``)."""
+    if language not in LANGUAGES:
+        raise ValueError(f"no built-in templates for {language!r} (known: {LANGUAGES})")
+    return BUILTIN_TEMPLATES / language
+
+
+_DEFAULT_FOLDER = builtin_templates()
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Good enough to catch a name or a typo where an address belongs; the server has the last word.
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -43,9 +61,15 @@ class SmtpConfig:
     ssl: bool = False  # implicit TLS (port 465)
     username: str | None = None
     password: Secret | None = None
-    templates: Path = Path(DEFAULT_TEMPLATES)
+    templates: Path = _DEFAULT_FOLDER  # the folder in use: built-in, or smtp.templates
+    language: str | None = None  # smtp.language as given: the built-in set (None: "ru")
     timeout: float = 30.0  # seconds, per SMTP command
     ca_file: Path | None = None  # extra CA bundle for a relay with its own CA; always verified
+
+    @property
+    def uses_builtin_templates(self) -> bool:
+        """Whether the mail comes from a set labsync ships (no ``smtp.templates``)."""
+        return self.templates.parent == BUILTIN_TEMPLATES
 
     @property
     def sender_address(self) -> str:
@@ -142,22 +166,35 @@ class _Reader:
         if password is not None and username is None and "username" not in self.raw:
             self.problem("username", "required with smtp.password_file")
         if (username is not None and not (starttls or use_ssl) and host is not None
-                and not _is_loopback(host)):
+                and not is_loopback(host)):
             self.problem("username", "the password would cross the network unencrypted; "
                                      "set smtp.starttls = true or smtp.ssl = true")
 
         ca_file = self.text("ca_file")
         if ca_file is not None and not Path(ca_file).is_file():
             self.problem("ca_file", f"{ca_file} is not a file")
-        templates = Path(self.text("templates", DEFAULT_TEMPLATES) or DEFAULT_TEMPLATES)
-        self._check_templates(templates)
+        language = self.raw.get("language")
+        if language is not None and language not in LANGUAGES:
+            self.problem("language", f"must be {' or '.join(map(repr, LANGUAGES))} (the "
+                                     f"language of the built-in templates), not {language!r}")
+            language = None
+        templates: Path | None = None
+        if "templates" in self.raw:  # the site's own folder; smtp.language does not apply
+            folder = self.text("templates")
+            if folder is not None:
+                templates = Path(folder)
+                self._check_templates(templates, builtin=False)
+        else:
+            templates = builtin_templates(language or DEFAULT_LANGUAGE)
+            self._check_templates(templates, builtin=True)
 
-        if self.problems or host is None or sender is None or site_url is None:
+        if (self.problems or host is None or sender is None or site_url is None
+                or templates is None):
             return None
         return SmtpConfig(
             host=host, sender=sender, site_url=site_url.rstrip("/"), port=port,
             starttls=starttls, ssl=use_ssl, username=username, password=password,
-            templates=templates, timeout=float(timeout),
+            templates=templates, language=language, timeout=float(timeout),
             ca_file=Path(ca_file) if ca_file else None,
         )
 
@@ -180,10 +217,17 @@ class _Reader:
             return None
         return Secret(value)
 
-    def _check_templates(self, folder: Path) -> None:
+    def _check_templates(self, folder: Path, *, builtin: bool) -> None:
         if not folder.is_dir():
-            self.problem("templates", f"{folder} is not a directory "
-                                      "(copy config/templates/ or config/templates/en/ there)")
+            if builtin:  # a broken installation, not a setting to fix
+                self.problem("templates", f"the built-in templates are missing ({folder} is "
+                                          "not a directory): reinstall labsync, or set "
+                                          "smtp.templates to a folder of your own")
+            else:
+                self.problem("templates", f"{folder} is not a directory (leave smtp.templates "
+                                          "out for the built-in templates, or copy the files "
+                                          f"of {BUILTIN_TEMPLATES}/ru/ or en/ there to edit "
+                                          "them)")
             return
         from labsync.mail.templates import MailTemplates
 
@@ -193,7 +237,8 @@ class _Reader:
             self.problems.extend(exc.problems)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine (``localhost`` or a loopback address)."""
     if host == "localhost":
         return True
     try:

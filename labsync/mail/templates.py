@@ -1,8 +1,10 @@
 """The mail's subject, text and HTML body, from jinja2 templates in one folder.
 
 Per kind of mail (``ready``, ``updated``) the folder holds ``{kind}.subject.j2``,
-``{kind}.txt.j2`` and ``{kind}.html.j2``. The folder chooses the language: the shipped
-``config/templates/`` is Russian, ``config/templates/en/`` English.
+``{kind}.txt.j2`` and ``{kind}.html.j2``. The folder chooses the language: labsync ships
+``labsync/mail/default_templates/ru/`` (the default) and ``.../en/`` as package data,
+chosen by ``smtp.language``; ``smtp.templates`` names a folder of the site's own instead
+(``labsync.mail.smtp_config``).
 
 A template may use only the variables in ``VARIABLES``. Anything else, a syntax error or a
 missing file is found by ``validate()`` at start-up and reported as a ``ConfigError``

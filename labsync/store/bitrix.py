@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, TextClause, bindparam, insert, select, text
+from sqlalchemy.exc import DBAPIError
 
+from labsync.errors import StoreError
 from labsync.phpserial import serialize_strings
 from labsync.store.db import TextFitter
 from labsync.store.tables import b_event, b_event_log, b_user
@@ -87,27 +89,78 @@ def queue_mail_events(
 ) -> list[int]:
     """``queue_mail_event`` for several mails; their IDs, in the order of ``fields``.
 
-    One multi-row INSERT … RETURNING where the database says which ID went to which row
-    (``_one_insert_returns_ids``); one INSERT per mail elsewhere.
+    One multi-row INSERT … RETURNING ID where the database has it (``_one_insert_returns_ids``);
+    one INSERT per mail elsewhere.
     """
     rows = [_event_row(fitter, event_name, site_id, f, duplicate, now_site) for f in fields]
     if not rows:
         return []
     if len(rows) == 1 or not _one_insert_returns_ids(conn.dialect):
         return [_inserted_id(conn.execute(_INSERT_EVENT, row)) for row in rows]
-    ids = [int(row.ID) for row in conn.execute(_INSERT_EVENTS, rows)]
+    statement, params = _insert_events_returning_ids(_event_columns(conn), rows)
+    try:
+        result = conn.execute(statement, params)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:  # b_event may have changed: read its columns again
+            conn.info.pop(_COLUMNS_KEY, None)
+        raise
+    # A multi-row INSERT gives its rows ascending auto-increment IDs in VALUES order (the
+    # rule SQLAlchemy's sort_by_parameter_order relies on too).
+    ids = sorted(int(row.ID) for row in result)
     if len(ids) != len(rows):  # cannot happen: every row inserted returns its ID
         raise RuntimeError(f"b_event: {len(rows)} mails queued, {len(ids)} IDs returned")
     return ids
 
 
 def _one_insert_returns_ids(dialect: Any) -> bool:
-    """Whether SQLAlchemy sends a multi-row INSERT … RETURNING as one statement and matches
-    each returned ID to its parameters (``sort_by_parameter_order``, by the ascending
-    auto-increment IDs): MariaDB 10.5+. MySQL has no RETURNING. On SQLite SQLAlchemy would
-    send one INSERT per row anyway, and there a statement costs no round trip."""
-    return bool(getattr(dialect, "is_mariadb", False)
-                and dialect.insert_executemany_returning_sort_by_parameter_order)
+    """Whether one multi-row INSERT can return the IDs it made: MariaDB 10.5+ (RETURNING).
+    MySQL has none; on SQLite a statement costs no round trip."""
+    return bool(getattr(dialect, "is_mariadb", False) and dialect.insert_returning)
+
+
+def _insert_events_returning_ids(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
+                                 ) -> tuple[TextClause, dict[str, Any]]:
+    """``INSERT INTO b_event VALUES (…), (…) RETURNING ID``, with no column list.
+
+    MariaDB checks SELECT on every column an INSERT … RETURNING names in its column list
+    (``RETURNING 1`` too), and labsync's account may not read C_FIELDS: that is every mail the
+    site queues, password-reset check words among them (sql/grants.sql). Without a column list
+    it checks INSERT on the table and SELECT on the returned ID only. So each row gives every
+    column of the live table, in the table's own order: labsync's value, or DEFAULT.
+    """
+    missing = sorted(set(rows[0]) - set(columns))
+    if missing:
+        raise StoreError(f"b_event: no column {', '.join(missing)} in information_schema")
+    params: dict[str, Any] = {}
+    values = []
+    for n, row in enumerate(rows):
+        cells = []
+        for i, column in enumerate(columns):
+            if column in row:
+                params[f"v{n}_{i}"] = row[column]
+                cells.append(f":v{n}_{i}")
+            else:
+                cells.append("DEFAULT")
+        values.append(f"({', '.join(cells)})")
+    # Only placeholders and DEFAULT go into the text; the values travel as parameters.
+    sql = f"INSERT INTO b_event VALUES {', '.join(values)} RETURNING ID"  # noqa: S608
+    return text(sql), params
+
+
+def _event_columns(conn: Connection) -> list[str]:
+    """The visible columns of the site's ``b_event``, in table order; read once per connection."""
+    columns = conn.info.get(_COLUMNS_KEY)
+    if columns is None:
+        columns = [str(name) for name in conn.execute(_EVENT_COLUMNS).scalars()]
+        conn.info[_COLUMNS_KEY] = columns
+    return list(columns)
+
+
+_COLUMNS_KEY = "labsync.b_event_columns"
+# information_schema lists every column of b_event to an account with INSERT on the table.
+_EVENT_COLUMNS = text(
+    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+    "AND TABLE_NAME = 'b_event' AND EXTRA NOT LIKE '%INVISIBLE%' ORDER BY ORDINAL_POSITION")
 
 
 def _inserted_id(result: Any) -> int:
@@ -132,7 +185,6 @@ def _event_row(fitter: TextFitter, event_name: str, site_id: str, fields: Mappin
 
 # Built once: one is queued for every completed order (the columns come from the parameters).
 _INSERT_EVENT = insert(b_event)
-_INSERT_EVENTS = insert(b_event).returning(b_event.c.ID, sort_by_parameter_order=True)
 
 
 def add_event_log(
