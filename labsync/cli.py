@@ -1,8 +1,8 @@
 """The ``labsync`` command: a thin shell over the functions the scheduler and the demo call.
 
-Exit status: 0 done; 1 problems found (``check``) or unknown order (``order``); 2 unusable
-config or unreachable database. Errors reach the operator through ``_fail`` only: a list of
-things to fix, never a traceback.
+Exit status: 0 done; 1 problems found (``check``; its warnings and skipped checks do not
+count) or unknown order (``order``); 2 unusable config or unreachable database. Errors
+reach the operator through ``_fail`` only: a list of things to fix, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from labsync.config import Config, config_path, load
 from labsync.errors import ConfigError, LabsyncError, StoreError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNUSABLE = 0, 1, 2
+# ``run`` only: the database is not there (yet). sysexits' EX_TEMPFAIL, so systemd's
+# Restart=on-failure tries again, while exit 2 (a config to fix) stops the unit.
+EXIT_TRY_LATER = 75
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,25 +145,33 @@ def _review(config: Config, *, as_json: bool, dismiss: str | None) -> int:
 
 
 def _run(config: Config) -> int:
+    import contextlib
     import threading
 
     from labsync.app import open_app
     from labsync.daemon import Daemon
 
     stop = threading.Event()
-    with open_app(config, stop=stop) as app:
+    with contextlib.ExitStack() as stack:
+        try:
+            app = stack.enter_context(open_app(config, stop=stop))
+        except StoreError as exc:
+            where = config.database.url.render_as_string(hide_password=True)
+            print(f"labsync: database ({where}) unusable: {logs.REDACTOR.redact(str(exc))}; "
+                  f"exit {EXIT_TRY_LATER}: try again later", file=sys.stderr)
+            return EXIT_TRY_LATER
         return Daemon(app, stop=stop).run()
 
 
 def _check(config: Config) -> int:
-    from labsync.checks import run_checks
+    """One line per finding, ``ok:``/``warning:``/``skipped:``/``problem:``, in check order.
+    Only a problem makes the exit status 1."""
+    from labsync.checks import check_all
 
-    problems, notes = run_checks(config)
-    for note in notes:
-        print(f"ok: {note}")
-    for problem in problems:
-        print(f"problem: {logs.REDACTOR.redact(problem)}")
-    return EXIT_PROBLEMS if problems else EXIT_OK
+    report = check_all(config)
+    for finding in report.findings:
+        print(f"{finding.verdict}: {logs.REDACTOR.redact(finding.text)}")
+    return EXIT_PROBLEMS if report.problems else EXIT_OK
 
 
 def _status(config: Config, *, as_json: bool) -> int:
@@ -180,7 +191,7 @@ def _order(config: Config, external_id: str, *, as_json: bool) -> int:
         print(f"labsync: no order {external_id!r} in local_lab_orders", file=sys.stderr)
         return EXIT_PROBLEMS
     print(json.dumps(report, ensure_ascii=False, default=str) if as_json
-          else render_order(report))
+          else render_order(report, zone=config.site.timezone, backend=config.notify.backend))
     return EXIT_OK
 
 

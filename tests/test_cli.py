@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import secrets
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +308,26 @@ def test_unreachable_database_exits_2_naming_the_database_not_the_password(tmp_p
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_run_exits_75_to_be_restarted_when_the_database_is_not_up_and_2_for_a_bad_config(
+        tmp_path):
+    """systemd restarts exit 75 (Restart=on-failure) but not exit 2 (RestartPreventExitStatus)."""
+    path = write_config(tmp_path / "labsync.toml", db_url=UNREACHABLE_DB,
+                        base_url="http://127.0.0.1:9/v2", pdf_dir=tmp_path / "pdf")
+
+    proc = labsync("--config", str(path), "run", timeout=60)
+
+    assert proc.returncode == 75
+    [message] = proc.stderr.splitlines()
+    assert message.startswith("labsync: database (mysql+pymysql://labsync:***@127.0.0.1:1/bitrix)")
+    assert "try again later" in message
+    assert DB_PASSWORD not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+    path.write_text(path.read_text().replace("[pdf]", "[pdf]\nmax_bytes = -1"))
+    bad = labsync("--config", str(path), "run", timeout=60)
+    assert bad.returncode == 2
+    assert "pdf.max_bytes" in bad.stderr
+
+
 # -- check ------------------------------------------------------------------------------------
 
 
@@ -409,6 +431,72 @@ def test_check_unreachable_database_is_a_problem_without_the_password(
     assert DB_PASSWORD not in out + err
 
 
+VERDICT_WORDS = ("ok: ", "warning: ", "skipped: ", "problem: ")
+
+
+def test_check_lines_each_start_with_one_of_the_four_verdicts(cfg_path, capsys):
+    status, out, _ = main(capsys, "--config", str(cfg_path), "check")
+
+    assert status == 0, out
+    assert out.splitlines() and all(line.startswith(VERDICT_WORDS) for line in out.splitlines())
+    # The site has no b_event_message here: not verified, so not "ok".
+    assert "skipped: mail templates not checked: b_event_message is not readable" in out
+    assert "ok: mail templates not checked" not in out
+
+
+def test_check_with_the_lis_down_reports_the_retries_in_its_line_not_as_log_lines(
+        fake_lis, cfg_path, capsys):
+    # 503 with Retry-After: 0 is retried at once: the retry happens, nothing really sleeps.
+    fake_lis.inject(None, "results", Fault(status=503, headers={"Retry-After": "0"}), times=None)
+
+    status, out, err = main(capsys, "--config", str(cfg_path), "check")
+
+    assert status == 1
+    assert fake_lis.request_count("results") == 2  # lis.retry_attempts = 2: it did retry
+    assert "lis.retry" not in out + err
+    assert all(line.startswith(VERDICT_WORDS) for line in out.splitlines())
+    [problem] = [line for line in out.splitlines() if line.startswith("problem:")]
+    assert problem.startswith(f"problem: lis.base_url: cannot use the LIS at {fake_lis.base_url}")
+    assert "HTTP 503" in problem and "(2 tries in " in problem
+
+
+def test_check_a_lis_that_answers_only_after_a_retry_is_a_warning_not_a_problem(
+        fake_lis, cfg_path, capsys):
+    fake_lis.inject(None, "results", Fault(status=503, headers={"Retry-After": "0"}), times=1)
+
+    status, out, err = main(capsys, "--config", str(cfg_path), "check")
+
+    assert status == 0, out
+    assert "lis.retry" not in out + err
+    [warning] = [line for line in out.splitlines() if "LIS reachable" in line]
+    assert warning.startswith(f"warning: LIS reachable at {fake_lis.base_url}, API key accepted, "
+                              "but only after 1 failed try (")
+    assert "HTTP 503" in warning
+
+
+def test_check_no_longer_holds_the_lis_logger_back_once_the_probe_is_done(
+        fake_lis, cfg_path, capsys):
+    fake_lis.inject(None, "results", Fault(status=503, headers={"Retry-After": "0"}), times=1)
+    main(capsys, "--config", str(cfg_path), "check")
+
+    assert not logging.getLogger("labsync.lis").filters  # the hold ended with the probe
+
+
+@pytest.mark.mariadb
+def test_check_a_3_byte_utf8_results_table_is_a_warning_and_exits_0(
+        mariadb, fake_lis, tmp_path, capsys):
+    path = write_config(tmp_path / "labsync.toml", db_url=mariadb.url,
+                        base_url=fake_lis.base_url, pdf_dir=tmp_path / "lab-results")
+
+    status, out, _ = main(capsys, "--config", str(path), "check")
+
+    assert status == 0, out  # a warning and a skipped check: neither is a problem
+    assert ("warning: local_lab_results is utf8 (3-byte): emoji in results will be stored as "
+            "U+FFFD") in out
+    assert any(line.startswith("skipped: ") for line in out.splitlines())
+    assert not any(line.startswith("problem:") for line in out.splitlines())
+
+
 # -- status and order -------------------------------------------------------------------------
 
 
@@ -485,6 +573,89 @@ def test_order_shows_the_last_error_of_a_failing_order(after_a_pass, capsys):
     assert "failures: 1 in a row, 1 in all" in out
     assert "HTTP 500" in out
     assert "results stored: 0" in out
+
+
+_TIME = r"\d{4}-\d\d-\d\d(?: \d\d:\d\d:\d\d)?"
+
+
+def _printed_time(out: str, before: str, label: str) -> datetime:
+    """The time printed right after ``before``, which must carry ``label``."""
+    match = re.search(re.escape(before) + rf" ({_TIME}) {re.escape(label)}", out)
+    assert match, f"no {before!r} ... {label!r} in:\n{out}"
+    return datetime.fromisoformat(match.group(1))
+
+
+def test_order_labels_every_time_site_time_for_site_columns_utc_for_labsyncs(
+        after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "order", "ST-OK")
+
+    assert status == 0
+    times = list(re.finditer(_TIME, out))
+    assert len(times) >= 4
+    for found in times:  # every time says which clock it is
+        rest = out[found.end():]
+        assert rest.startswith((" UTC", " (site, Europe/Moscow)")), out
+    synced = _printed_time(out, "synced", "(site, Europe/Moscow)")
+    last_poll = _printed_time(out, "last poll", "UTC")
+    # The same pass wrote both: three hours apart is Moscow against UTC, so the labels are
+    # on the right columns.
+    assert timedelta(hours=3) - timedelta(minutes=2) < synced - last_poll < timedelta(
+        hours=3, minutes=2)
+    assert _printed_time(out, "ordered", "(site, Europe/Moscow)").date() == (
+        date.today() - timedelta(days=10))
+    assert "LIS status: completed" in out
+
+
+def test_order_whose_polls_all_failed_says_there_is_no_answer_yet(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "order", "ST-FAIL")
+
+    assert status == 0
+    assert "LIS status: no answer yet (its one poll failed)" in out
+    assert "None" not in out
+
+
+def test_order_the_lis_does_not_know_says_so(db, fake_lis, config, cfg_path, capsys):
+    add_user(db, 7)
+    add_order(db, "ST-GONE", 7)  # on the site, never in the LIS: it answers 404
+    run_pass(config)
+
+    status, out, _ = main(capsys, "--config", str(cfg_path), "order", "ST-GONE")
+
+    assert status == 0
+    assert "LIS status: unknown to the LIS (it answered 404" in out
+    assert "None" not in out
+    assert re.search(rf"last error {_TIME} UTC \(unknown_order\): ", out), out
+
+
+def test_order_of_a_still_processing_order_shows_the_lis_status(after_a_pass, capsys):
+    status, out, _ = main(capsys, "--config", str(after_a_pass), "order", "ST-WAIT")
+
+    assert status == 0
+    assert "LIS status: processing" in out
+    assert re.search(rf"next poll: {_TIME} UTC", out), out
+
+
+def test_order_claimed_but_not_polled_yet_says_the_lis_was_not_asked(db, cfg_path, capsys):
+    from sqlalchemy import insert
+
+    from labsync.store.tables import labsync_orders
+
+    add_user(db, 7)
+    local_id = add_order(db, "ST-NEW", 7, order_date=date(2026, 11, 20))
+    with db.engine.begin() as conn:  # what a pass's claim leaves before the first answer
+        conn.execute(insert(labsync_orders).values(
+            ORDER_ID=local_id, EXTERNAL_ORDER_ID="ST-NEW",
+            FIRST_SEEN_AT=datetime(2026, 11, 20, 9, 0, 5), LEASE_OWNER="host-a:123",
+            LEASE_UNTIL=datetime(2026, 11, 20, 9, 10, 5)))
+
+    status, out, _ = main(capsys, "--config", str(cfg_path), "order", "ST-NEW")
+
+    assert status == 0
+    assert "LIS status: not asked yet" in out
+    assert "ordered 2026-11-20 (site, Europe/Moscow); synced never" in out
+    assert "first seen 2026-11-20 09:00:05 UTC; polls 0; last poll none" in out
+    assert "claimed by host-a:123 until 2026-11-20 09:10:05 UTC" in out
+    assert "None" not in out
 
 
 def test_order_json_is_one_object(after_a_pass, capsys):
