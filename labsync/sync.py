@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import os
 import socket
 import threading
@@ -195,7 +196,8 @@ class SyncEngine:
             futures: list[Future[_Observation]] = []
             try:
                 with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
-                    for page in self._pages(due_only, dead):
+                    for page in itertools.chain(self._pages(due_only, dead),
+                                                self._late_pages(dead, stop)):
                         if stop.is_set() or self._halted.is_set():
                             break
                         futures = [pool.submit(contextvars.copy_context().run, self._observe,
@@ -247,7 +249,21 @@ class SyncEngine:
         return run_tx(self.engine, lambda conn: liveness.dead_owners(
             conn, liveness.claim_holders(conn, self.now(), besides=self.owner)))
 
-    def _pages(self, due_only: bool, dead: set[str]) -> Iterator[list[orders.PendingOrder]]:
+    def _late_pages(self, dead: set[str], stop: threading.Event
+                    ) -> Iterator[list[orders.PendingOrder]]:
+        """After the pass's own pages: the orders of instances that died meanwhile.
+
+        Their claims were live when this pass went by, so without this round they would wait
+        for the next pass. Only the orders they hold are read again.
+        """
+        if stop.is_set() or self._halted.is_set():
+            return
+        late = self._dead_owners() - dead
+        if late:
+            yield from self._pages(False, dead | late, held_by=late)
+
+    def _pages(self, due_only: bool, dead: set[str], *, held_by: set[str] | None = None
+               ) -> Iterator[list[orders.PendingOrder]]:
         """Pages of pending orders, each claimed for this instance before it is yielded."""
         after = 0
         size = self.config.sync.page_size
@@ -258,7 +274,7 @@ class SyncEngine:
             since = now - timedelta(days=days) if days else None
             page = run_tx(self.engine, partial(
                 orders.pending_page, after_id=after, limit=size, now_utc=now, due_only=due_only,
-                recheck_since=since, dead=dead))
+                recheck_since=since, dead=dead, held_by=held_by or ()))
             if not page:
                 return
             self.liveness.ensure()  # before the claim that relies on it

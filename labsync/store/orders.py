@@ -67,13 +67,15 @@ def free(now_utc: datetime, dead: Collection[str] = ()) -> ColumnElement[bool]:
 def pending_page(
     conn: Connection, *, after_id: int, limit: int, now_utc: datetime, due_only: bool = True,
     recheck_since: datetime | None = None, dead: Collection[str] = (),
+    held_by: Collection[str] = (),
 ) -> list[PendingOrder]:
     """The next ``limit`` orders to ask about, with ID above ``after_id`` (keyset paging).
 
     Pending orders, and with ``recheck_since`` completed orders completed since then that
     still have a recheck scheduled. ``due_only`` skips orders whose next poll time is still
     ahead. Orders another instance holds a live claim on are skipped always; ``dead`` names
-    owners known to be dead, whose claims are not live.
+    owners known to be dead, whose claims are not live; ``held_by`` keeps only the orders
+    these (dead) owners hold.
     """
     o, s = local_lab_orders, labsync_orders
     due = or_(s.c.NEXT_POLL_AT.is_(None), s.c.NEXT_POLL_AT <= now_utc) if due_only else true()
@@ -86,7 +88,8 @@ def pending_page(
         select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
                s.c.RESULTS_HASH, s.c.FIRST_SEEN_AT, s.c.STALE_AT, s.c.RESULTS_COUNT)
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
-        .where(o.c.ID > after_id, wanted, free(now_utc, dead))
+        .where(o.c.ID > after_id, wanted, free(now_utc, dead),
+               s.c.LEASE_OWNER.in_(sorted(held_by)) if held_by else true())
         .order_by(o.c.ID)
         .limit(limit)
     )
