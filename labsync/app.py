@@ -14,9 +14,10 @@ from sqlalchemy import Engine
 
 from labsync.config import Config
 from labsync.discovery.job import DiscoveryJob
+from labsync.errors import ConfigError
 from labsync.instance import InstanceLock
 from labsync.lis.base import LisClient
-from labsync.lis.registry import make_client
+from labsync.lis.registry import capability_problems, make_client
 from labsync.mail.sender import SmtpSender
 from labsync.metrics import Metrics
 from labsync.store.db import TextFitter, detect_text_fitter, make_engine, verify_tables
@@ -35,6 +36,14 @@ class App:
     mail: SmtpSender | None = None  # notify.backend = "smtp": sends labsync's own outbox
 
 
+def check_wiring(config: Config) -> None:
+    """Raise ``ConfigError`` if the configured adapter cannot do what the config asks of it
+    (``[discovery]`` without patient search, an adapter that brings no results)."""
+    problems = capability_problems(config.lis.adapter, config.discovery.enabled)
+    if problems:
+        raise ConfigError(problems)
+
+
 @contextmanager
 def open_app(config: Config, *, lis: LisClient | None = None,
              stop: threading.Event | None = None) -> Iterator[App]:
@@ -43,6 +52,7 @@ def open_app(config: Config, *, lis: LisClient | None = None,
     A SQLite database is locked for this process (one instance only). ``stop``, when given,
     cuts the LIS client's retry waits short once set.
     """
+    check_wiring(config)
     lock = InstanceLock(config.database).acquire()
     engine = make_engine(config.database)
     client: LisClient | None = lis

@@ -145,6 +145,7 @@ def _check_mail_templates(config: Config, report: CheckReport) -> None:
 def _check_lis(config: Config, report: CheckReport) -> None:
     where = config.lis.base_url
     client = make_client(config.lis)
+    key, what = config.lis.credential  # lis.api_key, "API key" unless lis.auth says otherwise
     started = time.monotonic()
     try:
         # The probe's retry lines would land in the middle of the report: held back here,
@@ -152,18 +153,18 @@ def _check_lis(config: Config, report: CheckReport) -> None:
         with logs.held("labsync.lis") as held:
             client.probe()
     except LisAuthError:
-        report.add(PROBLEM, "lis.api_key: the LIS refused the API key")
+        report.add(PROBLEM, f"{key}: the LIS refused the {what}")
     except LisError as exc:
         report.add(PROBLEM, f"lis.base_url: cannot use the LIS at {where}: {exc}"
                             f"{_tries(held, time.monotonic() - started)}")
     else:
         retries = _retries(held)
         if retries:
-            report.add(WARNING, f"LIS reachable at {where}, API key accepted, but only after "
+            report.add(WARNING, f"LIS reachable at {where}, {what} accepted, but only after "
                                 f"{len(retries)} failed {_plural(len(retries), 'try', 'tries')}"
                                 f" ({'; '.join(dict.fromkeys(retries))})")
         else:
-            report.add(OK, f"LIS reachable at {where}, API key accepted")
+            report.add(OK, f"LIS reachable at {where}, {what} accepted")
     finally:
         client.close()
 
@@ -186,8 +187,8 @@ def _plural(n: int, one: str, many: str) -> str:
 def _check_smtp(config: Config, report: CheckReport) -> None:
     if config.notify.backend != "smtp" or config.smtp is None:
         return
+    from labsync.config.smtp import DEFAULT_LANGUAGE, is_loopback
     from labsync.mail.sender import SmtpSender
-    from labsync.mail.smtp_config import DEFAULT_LANGUAGE, is_loopback
     from labsync.mail.templates import MailTemplates
 
     smtp = config.smtp

@@ -60,13 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from labsync.demo import run_demo
 
         return _guard(lambda: run_demo(Path(args.dir)))
+    from labsync.app import check_wiring
+
     try:
         config = load(config_path(args.config))
+        check_wiring(config)
     except ConfigError as exc:
         return _fail_config(exc)
     logs.setup(config.log.level, config.log.format, config.secrets(),
                stream=sys.stderr if args.command in ("status", "order", "check", "review")
-               else None)
+               else None, headers=config.secret_headers())
     commands: dict[str, Callable[[], int]] = {
         "init-db": lambda: _init_db(config),
         "sync-once": lambda: _sync_once(config, due_only=not args.all),

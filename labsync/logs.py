@@ -2,7 +2,9 @@
 
 JSON lines on stdout when it is not a terminal (journald keeps them), readable lines on a
 terminal. A redaction processor replaces every configured secret, and anything shaped like
-a password in a URL or an API-key header, wherever it appears in a line, tracebacks included.
+a password in a URL or the value of a secret header (``X-Api-Key``, ``Authorization``, and
+whichever header ``lis.auth`` sends the credential in), wherever it appears in a line,
+tracebacks included.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any, TextIO
 import structlog
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?=@)", re.I)
-_KEY_HEADER = re.compile(r"(?P<head>x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+", re.I)
+# Headers whose value is always a credential; the configured ones are added (``add_headers``).
+SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization")
+# After the name: a quote, ":" or "=", a quote, an auth scheme ("Bearer "), then the value.
+_HEADER_VALUE = r"['\"]?\s*[:=]\s*['\"]?(?:(?:bearer|basic|digest|token|negotiate)\s+)?"
 MASK = "***"
 # structlog's own bookkeeping (the stdlib LogRecord); removed before rendering, kept intact.
 _META_KEYS = frozenset({"_record", "_from_structlog"})
@@ -31,9 +36,12 @@ LIBRARY_LOGGERS = {"apscheduler": logging.WARNING, "urllib3": logging.WARNING,
 class Redactor:
     """A structlog processor that masks secrets in every string of an event, nested ones too."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] = (), headers: Iterable[str] = ()) -> None:
         self.secrets: list[str] = []
+        self.headers: list[str] = list(SECRET_HEADERS)  # lower case
+        self._pattern: tuple[tuple[str, ...], re.Pattern[str]] | None = None
         self.add(secrets)
+        self.add_headers(headers)
 
     def add(self, secrets: Iterable[str]) -> None:
         for secret in secrets:
@@ -42,18 +50,34 @@ class Redactor:
                 self.secrets.append(secret)
         self.secrets.sort(key=len, reverse=True)
 
+    def add_headers(self, names: Iterable[str]) -> None:
+        """Mask the value of these headers too, wherever a line shows one."""
+        for name in names:
+            if name and name.lower() not in self.headers:
+                self.headers.append(name.lower())
+
+    def _header_pattern(self) -> re.Pattern[str]:
+        names = tuple(self.headers)
+        if self._pattern is None or self._pattern[0] != names:
+            alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+            self._pattern = names, re.compile(
+                "(?P<head>(?:" + alternatives + ")" + _HEADER_VALUE + r")[^\s'\",}]+", re.I)
+        return self._pattern[1]
+
     def redact(self, text: str) -> str:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
         text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
-        return _KEY_HEADER.sub(lambda m: m.group("head") + MASK, text)
+        return self._header_pattern().sub(lambda m: m.group("head") + MASK, text)
 
     def _walk(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, Mapping):  # header dicts are Mappings, not dicts
-            return {k: self._walk(v) for k, v in value.items()}
+            return {k: MASK if isinstance(k, str) and k.lower() in self.headers
+                    and isinstance(v, str | bytes) else self._walk(v)
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [self._walk(v) for v in value]
         if isinstance(value, tuple):  # a plain tuple: a namedtuple cannot be rebuilt this way
@@ -134,10 +158,15 @@ def held(logger_name: str) -> Iterator[list[dict[str, Any]]]:
 
 
 def setup(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (),
-          stream: TextIO | None = None) -> None:
-    """Configure structlog and the stdlib root logger. Safe to call again (tests, the demo)."""
+          stream: TextIO | None = None, *, headers: Iterable[str] = ()) -> None:
+    """Configure structlog and the stdlib root logger. Safe to call again (tests, the demo).
+
+    ``secrets`` (``Config.secrets()``) are masked wherever they appear; so is the value of
+    every header in ``headers`` (``Config.secret_headers()``) and in ``SECRET_HEADERS``.
+    """
     stream = stream or sys.stdout
     REDACTOR.add(secrets)
+    REDACTOR.add_headers(headers)
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

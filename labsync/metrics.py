@@ -17,18 +17,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
+from labsync.config.metrics import MetricsConfig
 from labsync.errors import ConfigError
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from labsync.sync import PassSummary
+    from labsync.passes import PassSummary
 
 log = structlog.get_logger("labsync.metrics")
 
@@ -48,58 +47,6 @@ LIS_ERROR_KINDS = (
 PASS_OUTCOMES = ("ok", "lis_auth", "lis_unreachable", "interrupted")
 # From a quiet pass over a few orders to a long catch-up after an outage.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-_KNOWN_KEYS = frozenset({"port", "textfile", "host"})
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Where to expose metrics: ``port`` (HTTP on ``host``), ``textfile``, or both."""
-
-    port: int | None = None
-    textfile: Path | None = None
-    host: str = "127.0.0.1"
-
-
-def metrics_config_from(raw: Mapping[str, Any]) -> tuple[MetricsConfig | None, list[str]]:
-    """Validate a ``[metrics]`` table: the config (``None``: disabled) and every problem."""
-    if not isinstance(raw, Mapping):
-        return None, ["metrics: must be a table ([metrics])"]
-    problems = [f"metrics.{name}: unknown key" for name in raw if name not in _KNOWN_KEYS]
-
-    port = raw.get("port")
-    if port is not None and (
-        not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535
-    ):
-        problems.append("metrics.port: must be an integer from 1 to 65535")
-        port = None
-
-    textfile = raw.get("textfile")
-    path: Path | None = None
-    if textfile is not None:
-        if not isinstance(textfile, str) or not textfile:
-            problems.append("metrics.textfile: must be a string")
-        elif not Path(textfile).is_absolute():
-            problems.append("metrics.textfile: must be an absolute path")
-        elif not textfile.endswith(".prom"):
-            problems.append(
-                "metrics.textfile: must end in .prom "
-                "(node_exporter's textfile collector reads only *.prom)"
-            )
-        elif not Path(textfile).parent.is_dir():
-            problems.append(f"metrics.textfile: directory {Path(textfile).parent} does not exist")
-        else:
-            path = Path(textfile)
-
-    host = raw.get("host", "127.0.0.1")
-    if not isinstance(host, str) or not host.strip():
-        problems.append("metrics.host: must be a non-empty string")
-        host = "127.0.0.1"
-    elif "host" in raw and "port" not in raw:
-        problems.append("metrics.host: has no effect without metrics.port")
-
-    if problems or (port is None and path is None):
-        return None, problems
-    return MetricsConfig(port=port, textfile=path, host=host), []
 
 
 class Metrics:

@@ -49,13 +49,102 @@ class TestResult:
         return self.code if self.code else f"name:{self.name}"
 
 
+class PdfKind(enum.StrEnum):
+    """How an order's PDF is to be had (see ``PdfRef``)."""
+
+    INLINE = "inline"  # the bytes came with the answer
+    URL = "url"  # a URL that the adapter that gave it resolves
+    BY_ORDER = "by_order"  # ask the adapter for the PDF of this order id
+
+
+@dataclass(frozen=True, slots=True)
+class PdfRef:
+    """A handle for an order's PDF form; ``labsync.pdfs.PdfStore.stage`` turns it into a file.
+
+    Whatever the kind, the bytes go through the same checks (``%PDF-``, ``%%EOF``, the size
+    cap) in ``labsync.pdfs``: a handle promises nothing about what it points to.
+    """
+
+    kind: PdfKind
+    data: bytes | None = field(default=None, repr=False)  # INLINE only: may be megabytes
+    url: str | None = None  # URL only
+
+    def __post_init__(self) -> None:
+        if (self.data is not None) != (self.kind is PdfKind.INLINE):
+            raise ValueError("a PdfRef carries bytes if and only if it is inline")
+        if (self.url is not None) != (self.kind is PdfKind.URL):
+            raise ValueError("a PdfRef carries a URL if and only if it is a URL handle")
+
+    @classmethod
+    def inline(cls, data: bytes) -> PdfRef:
+        """The PDF's bytes, as the LIS sent them in its answer (an HL7 ED segment, FHIR data)."""
+        return cls(PdfKind.INLINE, data=bytes(data))
+
+    @classmethod
+    def at(cls, url: str) -> PdfRef:
+        """A URL that only the adapter which gave it fetches (it decides what it may follow)."""
+        return cls(PdfKind.URL, url=url)
+
+    @classmethod
+    def by_order(cls) -> PdfRef:
+        """Ask for the PDF by the order's id (QLAB's ``GET /orders/{id}/pdf``): ``BY_ORDER``."""
+        return BY_ORDER
+
+    def __repr__(self) -> str:
+        if self.kind is PdfKind.INLINE:
+            return f"PdfRef.inline(<{len(self.data or b'')} bytes>)"
+        if self.kind is PdfKind.URL:
+            return f"PdfRef.at({self.url!r})"
+        return "PdfRef.by_order()"
+
+
+BY_ORDER = PdfRef(PdfKind.BY_ORDER)
+
+
 @dataclass(frozen=True, slots=True)
 class LisOrder:
-    """An order's state in the LIS: its status and the results it has so far."""
+    """An order's state in the LIS: its status, the results it has so far, and its PDF.
+
+    - ``changed_at``: when the LIS last changed the order, time-zone aware; None when the LIS
+      does not say (QLAB).
+    - ``version``: an opaque version token from the LIS (FHIR ``meta.versionId``, an HL7
+      message's control id): two answers with the same token are the same state, two with
+      different tokens are not; the token says nothing about which one is newer.
+    - ``pdf``: how to get the order's PDF form, or None when this answer has none.
+
+    ``is_older_than`` and ``same_version_as`` compare two answers about the same order, so
+    that an older message or feed page never overwrites a newer answer.
+    """
 
     external_id: str
     status: OrderStatus
     results: tuple[TestResult, ...] = ()
+    changed_at: datetime | None = None
+    version: str | None = None
+    pdf: PdfRef | None = None
+
+    def __post_init__(self) -> None:
+        if self.changed_at is not None and self.changed_at.utcoffset() is None:
+            # Comparing a naive time with an aware one fails (or lies): refuse it here, where
+            # the adapter that made it is still on the stack.
+            raise ValueError(f"order {self.external_id}: changed_at must be time-zone aware")
+
+    def is_older_than(self, other: LisOrder) -> bool:
+        """True when this answer is known to be older than ``other``: both say when the LIS
+        changed the order and this one's ``changed_at`` is earlier.
+
+        Without both times nothing is known to be older, so this is False (the caller decides
+        what to do with answers it cannot order). ``version`` plays no part: a token only
+        says same or not, never which is newer.
+        """
+        if self.changed_at is None or other.changed_at is None:
+            return False
+        return self.changed_at < other.changed_at
+
+    def same_version_as(self, other: LisOrder) -> bool:
+        """True when both answers carry a version token and the tokens are equal: the same
+        state of the order, which need not be applied again. False when either has none."""
+        return self.version is not None and self.version == other.version
 
 
 @dataclass(frozen=True, slots=True)

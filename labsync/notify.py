@@ -1,14 +1,21 @@
 """The patient's "results are ready" notification, queued in the same transaction as the results.
 
-``bitrix`` backend: one ``b_event`` row, as ``CEvent::Send`` writes it; the site's own mail
-agent sends it with the site's ``LAB_RESULTS_READY`` template.
+One interface, ``Notifier``, for every backend, chosen once (``make_notifier``, called by
+the wiring in ``labsync.app``):
+
+- ``bitrix``: one ``b_event`` row, as ``CEvent::Send`` writes it; the site's own mail agent
+  sends it with the site's ``LAB_RESULTS_READY`` template (``BitrixNotifier``, here);
+- ``smtp``: labsync's own outbox, rendered from its templates and sent by its sender job
+  (``labsync.mail.SmtpNotifier``).
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
+from typing import Any, cast
 
 from sqlalchemy import Connection
 
@@ -68,7 +75,41 @@ class Recipients:
         return user, None
 
 
-class BitrixNotifier:
+class Notifier(abc.ABC):
+    """Queues an order's notification in the caller's transaction; says what became of it."""
+
+    @abc.abstractmethod
+    def new_pass(self) -> None:
+        """A pass begins: forget what was read of the site's users in the last one."""
+
+    @abc.abstractmethod
+    def order_ready(self, conn: Connection, *, order_id: int, external_id: str, user_id: int,
+                    now_site: datetime) -> MailDecision:
+        """The "results are ready" mail of a completed order, unless its user cannot get it."""
+
+    @abc.abstractmethod
+    def orders_ready(self, conn: Connection, ready: Sequence[ReadyOrder], now_site: datetime
+                     ) -> list[MailDecision]:
+        """``order_ready`` for several orders in one transaction, in their order."""
+
+    @abc.abstractmethod
+    def order_updated(self, conn: Connection, *, order_id: int, external_id: str,
+                      user_id: int, version: int, now_site: datetime) -> MailDecision:
+        """The "results were corrected" mail for ``version`` (2, 3, …) of an order's results."""
+
+
+def make_notifier(notify: NotifyConfig, smtp: Any, fitter: TextFitter, *, zone: tzinfo
+                  ) -> Notifier:
+    """The configured backend: ``notify.backend`` is ``bitrix`` or ``smtp`` (with ``smtp``,
+    the ``[smtp]`` section)."""
+    if notify.backend == "smtp" and smtp is not None:
+        from labsync.mail import SmtpNotifier  # jinja2 only for the smtp backend
+
+        return cast(Notifier, SmtpNotifier(notify, smtp, zone=zone))
+    return BitrixNotifier(notify, fitter)
+
+
+class BitrixNotifier(Notifier):
     """Queues notifications into Bitrix's ``b_event`` mail queue."""
 
     def __init__(self, config: NotifyConfig, fitter: TextFitter) -> None:

@@ -7,6 +7,12 @@ rename is atomic), is checked, fsynced, and renamed into place only when the ord
 database transaction is about to commit: a reader never sees half a file. Files are 0640
 and folders 0750 whatever the process umask.
 
+The checks are here, not in the adapters, and the same for every PDF whatever brought it
+(a ``PdfRef``: bytes inline in the LIS's answer, a URL the adapter resolves, or the order's
+id): it starts with ``%PDF-``, its last ``EDGE_BYTES`` hold ``%%EOF`` (a form cut short
+has none), and it is at most ``pdf.max_bytes``. Each is checked on the file as it is on
+disk; a PDF that fails is ``BadLisData`` and leaves no file behind.
+
 A temporary file's name carries its writer's process tag (``labsync.process_tag``), so the
 sweep at the start of every pass removes the files of a writer that died (SIGKILL, a
 crash, a reboot) at once, and leaves a live writer's alone, another instance's included.
@@ -24,11 +30,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 from labsync import process_tag
-from labsync.errors import BadLisData, DiskError, PdfError
-from labsync.lis.base import LisClient
+from labsync.errors import BadLisData, DiskError, PdfError, PermanentLisError
+from labsync.model import BY_ORDER, PdfKind, PdfRef
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -70,6 +76,30 @@ class StagedPdf:
 
 
 PDF_MAGIC = b"%PDF-"
+PDF_TRAILER = b"%%EOF"
+EDGE_BYTES = 1024  # how far from the end %%EOF may be: writers pad with newlines or NULs
+
+
+def check_pdf(head: bytes, tail: bytes, size: int, *, max_bytes: int, what: str) -> None:
+    """The PDF check, the one for every adapter: ``BadLisData`` unless ``head`` (the first
+    bytes) starts with ``%PDF-``, ``tail`` (the last ``EDGE_BYTES``) holds ``%%EOF`` and
+    ``size`` is at most ``max_bytes``. ``what`` starts each message (``PDF of order A-1``)."""
+    if size == 0:
+        raise BadLisData(f"{what}: not a PDF (empty body)")
+    if not head.startswith(PDF_MAGIC):
+        raise BadLisData(f"{what}: not a PDF (starts with {head[:4].decode('latin-1')!r})")
+    if PDF_TRAILER not in tail:
+        raise BadLisData(f"{what}: PDF cut short (no %%EOF at its end)")
+    if size > max_bytes:
+        raise BadLisData(f"{what}: the PDF is over {max_bytes} bytes")
+
+
+class PdfFetcher(Protocol):
+    """What ``stage`` needs of an adapter for a by-order or URL handle (``PdfSource``)."""
+
+    def fetch_pdf(
+        self, external_id: str, sink: BinaryIO, *, max_bytes: int, ref: PdfRef = ...
+    ) -> int: ...
 
 
 class _Tally:
@@ -89,6 +119,7 @@ class _Tally:
         self._file = file
         self.digest = hashlib.sha256()
         self.size = 0
+        self.tail = b""  # the last EDGE_BYTES written
         self.exact = True
         self._untouched = True  # nothing written yet: the file is still empty at offset 0
 
@@ -102,6 +133,7 @@ class _Tally:
             view = view[written:]
         self.digest.update(data)
         self.size += len(data)
+        self.tail = (self.tail + bytes(data[-EDGE_BYTES:]))[-EDGE_BYTES:]
         return len(data)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
@@ -110,7 +142,7 @@ class _Tally:
         self._untouched = False
         position = self._file.seek(offset, whence)
         if position == 0:
-            self.digest, self.size = hashlib.sha256(), 0
+            self.digest, self.size, self.tail = hashlib.sha256(), 0, b""
         else:
             self.exact = False
         return position
@@ -130,18 +162,19 @@ class _Tally:
         return getattr(self._file, name)
 
 
-def _read_back(file: BinaryIO) -> tuple[int, bytes, Any]:
-    """Size, first bytes and digest of the whole file, read from disk."""
+def _read_back(file: BinaryIO) -> tuple[int, bytes, bytes, Any]:
+    """Size, first and last bytes and digest of the whole file, read from disk."""
     file.seek(0)
     digest = hashlib.sha256()
     size = 0
-    head = b""
+    head = tail = b""
     while chunk := file.read(_CHUNK):
         if not head:
             head = chunk[: len(PDF_MAGIC)]
+        tail = (tail + chunk[-EDGE_BYTES:])[-EDGE_BYTES:]
         size += len(chunk)
         digest.update(chunk)
-    return size, head, digest
+    return size, head, tail, digest
 
 
 class PdfStore:
@@ -179,9 +212,20 @@ class PdfStore:
                                         f"{exc.strerror}") from exc
         self._ready.add(path.parent)  # a patient's forms come in a row: check once a pass
 
-    def stage(self, user_id: int, external_id: str, lis: LisClient) -> StagedPdf:
-        """Download the order's PDF into a temporary file beside its final place, and check it."""
+    def stage(self, user_id: int, external_id: str, source: PdfFetcher | None,
+              ref: PdfRef | None = None) -> StagedPdf:
+        """Put the PDF ``ref`` points to into a temporary file beside its final place, and
+        check it (``check_pdf``), whatever kind of handle it is.
+
+        ``ref`` None or ``BY_ORDER``: ``source.fetch_pdf`` by the order's id (the call of
+        today's engine, ``stage(user_id, external_id, lis)``); a URL handle: ``source``
+        resolves it; inline bytes are written here and need no ``source``.
+        """
         final = self.final_path(user_id, external_id)
+        ref = ref or BY_ORDER
+        if ref.kind is not PdfKind.INLINE and source is None:
+            raise PermanentLisError(f"PDF of order {external_id}: {ref!r} needs an adapter "
+                                    "that fetches it")
         self._folder(final)
         try:
             try:
@@ -198,7 +242,7 @@ class PdfStore:
             os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "w+b", buffering=0) as file:
                 sink = _Tally(file)
-                lis.fetch_pdf(external_id, cast(BinaryIO, sink), max_bytes=self.max_bytes)
+                self._fill(cast(BinaryIO, sink), external_id, source, ref)
                 file.flush()
                 os.fsync(file.fileno())
                 size, digest = self._check(file, sink, external_id)
@@ -211,6 +255,24 @@ class PdfStore:
             temp.unlink(missing_ok=True)
             raise
 
+    def _fill(self, sink: BinaryIO, external_id: str, source: PdfFetcher | None,
+              ref: PdfRef) -> None:
+        """Write the PDF of ``ref`` into ``sink``, never more than ``max_bytes`` of it."""
+        if ref.kind is PdfKind.INLINE:
+            data = ref.data or b""
+            if len(data) > self.max_bytes:
+                raise BadLisData(f"PDF of order {external_id}: the PDF is over "
+                                 f"{self.max_bytes} bytes")
+            view = memoryview(data)
+            for start in range(0, len(view), _CHUNK):  # as an adapter streams: chunk by chunk
+                sink.write(view[start:start + _CHUNK])
+            return
+        assert source is not None  # checked by stage before any file was made
+        if ref.kind is PdfKind.BY_ORDER:  # without ``ref``: adapters written before handles
+            source.fetch_pdf(external_id, sink, max_bytes=self.max_bytes)
+        else:
+            source.fetch_pdf(external_id, sink, max_bytes=self.max_bytes, ref=ref)
+
     def _temp_file(self, final: Path, external_id: str) -> tuple[int, str]:
         return tempfile.mkstemp(prefix=f".{external_id}.{self._tag()}.", suffix=TEMP_SUFFIX,
                                 dir=final.parent)
@@ -222,18 +284,16 @@ class PdfStore:
         return self._tag_text
 
     def _check(self, file: BinaryIO, sink: _Tally, external_id: str) -> tuple[int, str]:
-        """What was written, checked on disk: a PDF header and a size under the cap, whatever
-        the adapter. The digest and size counted while writing are used when the file on
-        disk agrees with them; otherwise the file is read back."""
+        """What was written, checked on disk (``check_pdf``), whatever the adapter. The
+        digest, size and tail counted while writing are used when the file on disk agrees
+        with them; otherwise the file is read back."""
         fd = file.fileno()
         if sink.exact and os.fstat(fd).st_size == sink.size:
-            size, head, digest = sink.size, os.pread(fd, len(PDF_MAGIC), 0), sink.digest
+            size, digest, tail = sink.size, sink.digest, sink.tail
+            head = os.pread(fd, len(PDF_MAGIC), 0)
         else:
-            size, head, digest = _read_back(file)
-        if head != PDF_MAGIC:
-            raise BadLisData(f"order {external_id}: the PDF form is not a PDF")
-        if size > self.max_bytes:
-            raise BadLisData(f"order {external_id}: the PDF form is over {self.max_bytes} bytes")
+            size, head, tail, digest = _read_back(file)
+        check_pdf(head, tail, size, max_bytes=self.max_bytes, what=f"PDF of order {external_id}")
         return size, digest.hexdigest()
 
     def publish(self, staged: StagedPdf) -> Path:

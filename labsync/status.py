@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import Engine, and_, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from labsync.clock import utc_now
 from labsync.config import Config
 from labsync.errors import StoreError
 from labsync.store.db import describe_db_error, make_engine
@@ -18,8 +19,6 @@ from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_
 _AGE_BUCKETS = (("under 1 day", 1), ("1-7 days", 7), ("7-30 days", 30), ("over 30 days", None))
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def with_engine(config: Config, work: Any) -> Any:
@@ -41,7 +40,7 @@ def collect_status(config: Config) -> dict[str, Any]:
 def _status(config: Config, engine: Engine) -> dict[str, Any]:
     o, s, p = local_lab_orders, labsync_orders, labsync_passes
     today = datetime.now(config.site.timezone).date()
-    since = _utc_now() - timedelta(hours=24)
+    since = utc_now() - timedelta(hours=24)
     with engine.connect() as conn:
         pending: dict[str, dict[str, int]] = {}
         rows = conn.execute(select(o.c.STATUS, o.c.ORDER_DATE, func.count())

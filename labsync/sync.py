@@ -33,8 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -42,30 +41,31 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from labsync.apply import Applied, Completion, OrderApplier
+from labsync import planner
+from labsync.breaker import AUTH, UNREACHABLE_AFTER, Breaker
+from labsync.clock import utc_now
 from labsync.config import Config
 from labsync.errors import (
     DiskError,
-    Interrupted,
     LabsyncError,
     LisAuthError,
     StoreError,
     TransientLisError,
 )
+from labsync.execute import Applied, Completion, Executor
 from labsync.lis.base import LisClient
-from labsync.model import LisOrder, OrderStatus
-from labsync.pdfs import PdfStore, StagedPdf, is_safe_name
-from labsync.store import bitrix, claims, liveness, orders
+from labsync.model import OrderStatus
+from labsync.notify import Notifier, make_notifier
+from labsync.observe import Observation, Observer
+from labsync.passes import PassProblems, PassSummary
+from labsync.pdfs import PdfStore
+from labsync.store import claims, liveness, orders
 from labsync.store.db import TextFitter, describe_db_error
 from labsync.store.tx import held_connection, run_tx
 
 log = structlog.get_logger("labsync.sync")
 
-# After this many transient LIS failures in a row (at least twice the concurrency), with no
-# answer in between, the LIS is taken to be down: the rest of the pass would only queue
-# up retries and fill the logs, and the orders will be asked next pass anyway.
-UNREACHABLE_AFTER = 10
-# First completions written per transaction (OrderApplier.complete_batch): fewer statements
+# First completions written per transaction (Executor.complete_batch): fewer statements
 # per order, and a bad order costs its batch one failed try before each goes alone.
 COMPLETION_BATCH = 20
 
@@ -77,50 +77,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, LabsyncError):
         return str(exc)[:300]
     return type(exc).__name__
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-@dataclass
-class PassSummary:
-    """What one pass did. ``pending``: still waiting in the LIS; ``failed``: will be retried."""
-
-    pass_id: int | None = None
-    checked: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    pending: int = 0
-    corrected: int = 0
-    rechecked: int = 0  # completed orders asked again for corrections, none found
-    failed: int = 0
-    skipped: int = 0
-    events: int = 0
-    duration_s: float = 0.0
-    outcome: str = "ok"  # ok | lis_auth | interrupted
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def count(self, applied: Applied) -> None:
-        self.events += applied.events
-        if applied.outcome == "skipped":
-            self.skipped += 1
-            return
-        self.checked += 1
-        setattr(self, applied.outcome, getattr(self, applied.outcome) + 1)
-
-
-@dataclass
-class _Observation:
-    """What a worker learned about one order: the LIS's answer and a staged PDF, or an error."""
-
-    order: orders.PendingOrder
-    lis_order: LisOrder | None = None
-    pdf: StagedPdf | None = None
-    error: LabsyncError | None = None
-    skipped: bool = False
 
 
 class SyncEngine:
@@ -139,6 +95,7 @@ class SyncEngine:
         *,
         now: Callable[[], datetime] = utc_now,
         metrics: Any = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -148,17 +105,26 @@ class SyncEngine:
         self.owner = claims.new_owner()
         self.liveness = liveness.OwnerLock(engine, self.owner)
         self.pdfs = PdfStore(config.pdf.dir, config.pdf.max_bytes)
-        self.applier = OrderApplier(config, fitter, self.pdfs, self.owner)
+        self.policy = planner.policy(
+            zone=config.site.timezone, fitter=fitter, interval=config.sync.interval,
+            stale_after=config.sync.stale_after, recheck_days=config.sync.recheck_days,
+            pdf_required=config.pdf.required, pdf_wait=config.pdf.wait)
+        self.applier = Executor(
+            self.policy, pdfs=self.pdfs, fitter=fitter, site_id=config.notify.site_id,
+            owner=self.owner, notifier=notifier or make_notifier(
+                config.notify, config.smtp, fitter, zone=config.site.timezone))
         self.fitter = fitter
         self.progress_at = time.monotonic()
         self.busy = False
-        # Set when asking the LIS about more orders this pass is pointless: it refused the
-        # key, or it has failed every request for a while. ``_halt_reason`` says which.
-        self._halted = threading.Event()
-        self._halt_reason = ""
-        self._streak = 0  # transient LIS failures in a row, across workers
-        self._streak_lock = threading.Lock()
-        self._disk_held: dict[str, list[str]] = {}  # this pass: PDF folder problem → orders
+        # Open when asking the LIS about more orders this pass is pointless: it refused the
+        # key, or it has failed every request for a while (at least twice the concurrency).
+        self.breaker = Breaker(max(UNREACHABLE_AFTER, 2 * config.lis.max_concurrency))
+        self.observer = Observer(lis, self.pdfs, self.breaker,
+                                 fingerprint=self.applier.fingerprint,
+                                 pdf_required=self.policy.pdf_required)
+        self.problems = PassProblems(engine, fitter, site_id=config.notify.site_id,
+                                     pdf_dir=config.pdf.dir,
+                                     site_time=lambda: self.applier.site_time(self.now()))
 
     # -- the pass ---------------------------------------------------------------------------
 
@@ -173,16 +139,13 @@ class SyncEngine:
         stop = stop or threading.Event()
         started = time.monotonic()
         summary = PassSummary()
-        self._halted.clear()
-        self._halt_reason, self._streak = "", 0
-        self._disk_held = {}
+        self.breaker.reset()
+        self.problems.new_pass()
         self.applier.notifier.new_pass()
         self.busy, self.progress_at = True, started
         try:
             self.pdfs.new_pass()
-            swept = self.pdfs.sweep()
-            if swept:
-                log.info("pdf.temp_swept", files=swept)
+            self._sweep()
             summary.pass_id = run_tx(self.engine, lambda conn: orders.record_pass(conn, {
                 "STARTED_AT": self.now(), "HOST": socket.gethostname()[:255],
                 "PID": os.getpid()}))
@@ -192,16 +155,16 @@ class SyncEngine:
             workers = max(1, self.config.lis.max_concurrency)
             # One page ahead: the workers ask the LIS about the next page while this thread
             # applies the last one, so neither waits for the other at page ends.
-            ahead: list[Future[_Observation]] = []
-            futures: list[Future[_Observation]] = []
+            ahead: list[Future[Observation]] = []
+            futures: list[Future[Observation]] = []
             try:
                 with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
                     for page in itertools.chain(self._pages(due_only, dead),
                                                 self._late_pages(dead, stop)):
-                        if stop.is_set() or self._halted.is_set():
+                        if stop.is_set() or self.breaker.tripped:
                             break
-                        futures = [pool.submit(contextvars.copy_context().run, self._observe,
-                                               o, stop) for o in page]
+                        futures = [pool.submit(contextvars.copy_context().run,
+                                               self.observer.observe, o, stop) for o in page]
                         self._apply_all(ahead, summary, stop)
                         ahead, futures = futures, []
                     self._apply_all(ahead, summary, stop)
@@ -213,12 +176,14 @@ class SyncEngine:
         finally:
             self.busy = False
             self._release_claims()
-        if self._halted.is_set():
-            summary.outcome = self._halt_reason
-            self._report_halt()
+        if self.breaker.tripped:
+            summary.outcome = self.breaker.reason
+            if self.metrics is not None:
+                self.metrics.lis_error("auth" if self.breaker.reason == AUTH else "transient")
+            self.problems.report_halt(self.breaker.reason)
         elif stop.is_set():
             summary.outcome = "interrupted"
-        self._report_disk()
+        self.problems.report_disk()
         summary.duration_s = round(time.monotonic() - started, 3)
         run_tx(self.engine, lambda conn: orders.finish_pass(conn, summary.pass_id or 0, {
             "FINISHED_AT": self.now(), "CHECKED": summary.checked,
@@ -229,6 +194,12 @@ class SyncEngine:
         log.info("pass.finished", **summary.as_dict())
         structlog.contextvars.unbind_contextvars("pass_id")
         return summary
+
+    def _sweep(self) -> None:
+        """Remove the temporary PDF files of writers that are gone (``PdfStore.sweep``)."""
+        swept = self.pdfs.sweep()
+        if swept:
+            log.info("pdf.temp_swept", files=swept)
 
     def close(self) -> None:
         """Let this instance's liveness lock go (a clean stop)."""
@@ -256,10 +227,11 @@ class SyncEngine:
         Their claims were live when this pass went by, so without this round they would wait
         for the next pass. Only the orders they hold are read again.
         """
-        if stop.is_set() or self._halted.is_set():
+        if stop.is_set() or self.breaker.tripped:
             return
         late = self._dead_owners() - dead
         if late:
+            self._sweep()  # their temporary files too
             yield from self._pages(False, dead | late, held_by=late)
 
     def _pages(self, due_only: bool, dead: set[str], *, held_by: set[str] | None = None
@@ -293,18 +265,18 @@ class SyncEngine:
             # The leases run out by themselves; another instance may take the orders then.
             log.warning("claims.not_released", error=str(exc))
 
-    def _discard_unapplied(self, futures: list[Future[_Observation]]) -> None:
+    def _discard_unapplied(self, futures: list[Future[Observation]]) -> None:
         for future in futures:
             if not future.cancel():
                 with contextlib.suppress(Exception):
                     self.pdfs.discard(future.result().pdf)  # a no-op once published
 
-    def _apply_all(self, futures: list[Future[_Observation]], summary: PassSummary,
+    def _apply_all(self, futures: list[Future[Observation]], summary: PassSummary,
                    stop: threading.Event) -> None:
         """Apply a page's observations on one connection held for the page: first
         completions in batches, quiet polls together at the page's end, the rest one by one."""
         quiet: list[orders.QuietPoll] = []
-        batch: list[_Observation] = []
+        batch: list[Observation] = []
         with held_connection(self.engine) as conn:
             for future in futures:
                 if stop.is_set() and future.cancel():
@@ -312,7 +284,7 @@ class SyncEngine:
                     continue
                 obs = future.result()
                 if obs.skipped or isinstance(obs.error, LisAuthError) or (
-                        self._halted.is_set() and isinstance(obs.error, TransientLisError)):
+                        self.breaker.tripped and isinstance(obs.error, TransientLisError)):
                     self.pdfs.discard(obs.pdf)
                     summary.skipped += 1
                     continue
@@ -335,13 +307,13 @@ class SyncEngine:
             self._save_quiet(conn, quiet, summary)
 
     @staticmethod
-    def _batchable(obs: _Observation) -> bool:
+    def _batchable(obs: Observation) -> bool:
         """A first completion with nothing of labsync's to diff against (see ``complete_batch``)."""
         return (obs.error is None and obs.lis_order is not None and obs.pdf is not None
                 and obs.lis_order.status is OrderStatus.COMPLETED
                 and not obs.order.recheck and not obs.order.results_count)
 
-    def _apply_batch(self, conn: Connection, batch: list[_Observation],
+    def _apply_batch(self, conn: Connection, batch: list[Observation],
                      summary: PassSummary) -> None:
         """Complete ``batch`` in one transaction; if that fails for any reason, one by one.
 
@@ -397,44 +369,9 @@ class SyncEngine:
         summary.skipped += len(polls) - written
         self.progress_at = time.monotonic()
 
-    # -- step 1: observe (worker threads) ---------------------------------------------------
-
-    def _observe(self, order: orders.PendingOrder, stop: threading.Event) -> _Observation:
-        structlog.contextvars.bind_contextvars(order=order.external_id)
-        obs = _Observation(order)
-        if self._halted.is_set() or stop.is_set():
-            obs.skipped = True
-            return obs
-        try:
-            if not is_safe_name(order.external_id):
-                # Checked before asking the LIS: such an id must never become a path.
-                self.pdfs.final_path(order.user_id, order.external_id)
-            obs.lis_order = self.lis.fetch_order(order.external_id)
-            if obs.lis_order.status is OrderStatus.COMPLETED and (
-                    not order.recheck
-                    or self.applier.fingerprint(obs.lis_order) != order.results_hash):
-                # A correction usually comes with a new form: fetch it with the results.
-                obs.pdf = self.pdfs.stage(order.user_id, order.external_id, self.lis)
-            self._lis_answered()
-        except Interrupted:
-            obs.skipped = True
-        except LisAuthError as exc:
-            self._halt("lis_auth", "lis.auth_failed", str(exc))
-            obs.error = exc
-        except TransientLisError as exc:
-            self._lis_failed(exc)
-            obs.error = exc
-        except LabsyncError as exc:
-            self._lis_answered()  # bad data or a 4xx: the LIS is there
-            obs.error = exc
-        except Exception as exc:  # a bug must not end the pass for every order
-            log.exception("order.internal_error")
-            obs.error = LabsyncError(f"internal error: {type(exc).__name__}")
-        return obs
-
     # -- step 2: apply (the pass's thread) ----------------------------------------------------
 
-    def _apply(self, conn: Connection, obs: _Observation) -> Applied:
+    def _apply(self, conn: Connection, obs: Observation) -> Applied:
         order = obs.order
         if obs.error is not None:
             self._record_failure(conn, order, obs.error)
@@ -442,8 +379,7 @@ class SyncEngine:
         lis_order = obs.lis_order
         assert lis_order is not None
         try:
-            work = self.applier.recheck if order.recheck else self.applier.apply
-            applied = run_tx(conn, lambda conn: work(
+            applied = run_tx(conn, lambda conn: self.applier.apply(
                 conn, order, lis_order, obs.pdf, self.now()), retry=True)
         except StoreError:
             self.pdfs.discard(obs.pdf)
@@ -471,66 +407,10 @@ class SyncEngine:
         if self.metrics is not None:
             self.metrics.lis_error(kind)
         disk = isinstance(error, DiskError)
-        if isinstance(error, DiskError):  # the host's: one admin-log line a pass (_report_disk)
-            self._disk_held.setdefault(error.reason, []).append(order.external_id)
+        if isinstance(error, DiskError):  # the host's: one admin-log line a pass
+            self.problems.disk(error.reason, order.external_id)
         try:
             run_tx(conn, lambda conn: self.applier.record_failure(
                 conn, order, error, self.now(), admin_log=not disk), retry=True)
         except (StoreError, SQLAlchemyError) as exc:
             log.error("order.failure_not_recorded", error=str(exc))
-
-    def _halt(self, reason: str, event: str, error: str) -> None:
-        """Stop asking the LIS for the rest of the pass; say why once."""
-        with self._streak_lock:
-            if self._halted.is_set():
-                return
-            self._halt_reason = reason
-            self._halted.set()
-        log.error(event, error=error)
-
-    def _lis_answered(self) -> None:
-        with self._streak_lock:
-            self._streak = 0
-
-    def _lis_failed(self, exc: TransientLisError) -> None:
-        with self._streak_lock:
-            self._streak += 1
-            streak = self._streak
-        if streak >= max(UNREACHABLE_AFTER, 2 * self.config.lis.max_concurrency):
-            self._halt("lis_unreachable", "lis.unreachable",
-                       f"{streak} LIS requests in a row failed, the last: {exc}")
-
-    def _report_disk(self) -> None:
-        """One admin-log line per PDF folder problem of the pass, with the orders it held."""
-        for reason, held in self._disk_held.items():
-            shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10
-                                             else "")
-            log.error("pdf.folder_refused", reason=reason, orders=len(held))
-            message = (f"The PDF folder {self.config.pdf.dir} refused writes ({reason}): "
-                       f"{len(held)} completed order(s) held back this pass ({shown}); they "
-                       "are retried on the next pass. Check the disk and pdf.dir.")
-            try:
-                run_tx(self.engine, partial(
-                    bitrix.add_event_log, fitter=self.fitter, item_id="labsync",
-                    description=message, now_site=self.applier.site_time(self.now()),
-                    site_id=self.config.notify.site_id, severity="ERROR"))
-            except (StoreError, SQLAlchemyError) as exc:
-                log.error("pdf.folder_problem_not_recorded", error=str(exc))
-
-    def _report_halt(self) -> None:
-        if self._halt_reason == "lis_auth":
-            message = ("the LIS refused labsync's API key (HTTP 401/403); no orders were "
-                       "asked about for the rest of this pass: check lis.api_key")
-        else:
-            message = ("the LIS did not answer (every request failed, retries included); "
-                       "the rest of this pass's orders were left for the next pass: check "
-                       "lis.base_url and the LIS")
-        if self.metrics is not None:
-            self.metrics.lis_error("auth" if self._halt_reason == "lis_auth" else "transient")
-        try:
-            run_tx(self.engine, lambda conn: bitrix.add_event_log(
-                conn, self.fitter, item_id="labsync", description=message,
-                now_site=self.applier.site_time(self.now()),
-                site_id=self.config.notify.site_id, severity="ERROR"))
-        except (StoreError, SQLAlchemyError) as exc:
-            log.error("lis.halt_not_recorded", error=str(exc))

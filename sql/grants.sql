@@ -48,3 +48,5 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_passes TO 'labsync'@'127.
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_outbox TO 'labsync'@'127.0.0.1';
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_review TO 'labsync'@'127.0.0.1';
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_discovery TO 'labsync'@'127.0.0.1';
+GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_versions TO 'labsync'@'127.0.0.1';
+GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_cursors TO 'labsync'@'127.0.0.1';

@@ -41,11 +41,12 @@ def add_orders(db: Any, names: list[str], user_id: int = 7) -> None:
 @contextmanager
 def restored_logging() -> Iterator[None]:
     """Put back what ``logs.setup`` changes process-wide: root handlers and level, library
-    logger levels, the redactor's secrets, structlog's configuration and contextvars."""
+    logger levels, the redactor's secrets and headers, structlog's configuration and contextvars."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     lib_levels = {name: logging.getLogger(name).level for name in logs.LIBRARY_LOGGERS}
     known_secrets = list(logs.REDACTOR.secrets)
+    known_headers = list(logs.REDACTOR.headers)
     try:
         yield
     finally:
@@ -56,6 +57,7 @@ def restored_logging() -> Iterator[None]:
         for name, lib_level in lib_levels.items():
             logging.getLogger(name).setLevel(lib_level)
         logs.REDACTOR.secrets[:] = known_secrets
+        logs.REDACTOR.headers[:] = known_headers
         structlog.contextvars.clear_contextvars()
         structlog.reset_defaults()
 

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import insert
 
 from labsync.config import Config
-from labsync.discovery.config import DiscoveryConfig, discovery_config_from
+from labsync.config.discovery import DiscoveryConfig, discovery_config_from
 from labsync.discovery.job import DiscoveryJob, DiscoverySummary, _Run
 from labsync.discovery.matching import Attach, Candidate, Review, decide, normalise_name
 from labsync.discovery.phones import normalise_phone, phones_in

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from labsync.config.metrics import MetricsConfig, metrics_config_from
 from labsync.errors import ConfigError
-from labsync.metrics import Metrics, MetricsConfig, metrics_config_from
+from labsync.metrics import Metrics
 from labsync.sync import PassSummary
 
 prometheus_client = pytest.importorskip("prometheus_client")

@@ -241,3 +241,113 @@ def test_a_staged_file_names_its_writer_and_outlives_a_sweep_while_in_hand(tmp_p
     assert staged.temp_path.exists()
     store.publish(staged)
     assert staged.final_path.read_bytes().startswith(b"%PDF-")
+
+
+# -- the checks, and every kind of handle -----------------------------------------------------
+
+
+class _UrlLis:
+    """An adapter that resolves one URL handle (and remembers what it was asked)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.asked = body, []
+
+    def fetch_pdf(self, external_id, sink, *, max_bytes, ref=None):
+        self.asked.append((external_id, ref))
+        sink.write(self.body)
+        return len(self.body)
+
+
+def test_a_pdf_cut_short_of_its_eof_marker_is_refused_and_leaves_nothing(tmp_path):
+    pdf = sample_pdf(size=20_000)
+    store = PdfStore(tmp_path, max_bytes=100_000)
+    with pytest.raises(BadLisData, match="PDF cut short \\(no %%EOF at its end\\)"):
+        store.stage(7, "A-1", _Lis(pdf[: len(pdf) // 2]))
+    assert list((tmp_path / "7").iterdir()) == []
+
+
+def test_an_eof_marker_followed_by_padding_is_accepted(tmp_path):
+    body = sample_pdf() + b"\r\n" + b"\x00" * 500
+    staged = PdfStore(tmp_path, max_bytes=100_000).stage(7, "A-1", _Lis(body))
+    assert staged.temp_path.read_bytes() == body
+
+
+def test_an_eof_marker_far_from_the_end_does_not_count(tmp_path):
+    body = sample_pdf() + b" " * 2000  # %%EOF more than 1 KiB before the end: cut or junk
+    with pytest.raises(BadLisData, match="cut short"):
+        PdfStore(tmp_path, max_bytes=100_000).stage(7, "A-1", _Lis(body))
+
+
+def test_the_trailer_is_checked_on_disk_when_the_adapter_rewrote_the_file(tmp_path):
+    class _Rewinding:  # a long first try, rewound but not truncated, then a short one
+        def fetch_pdf(self, external_id, sink, *, max_bytes):
+            sink.write(b"%PDF-1.4 first try " + b"x" * 5000)
+            sink.seek(0)
+            sink.write(sample_pdf()[:2000])
+            return 2000
+
+    with pytest.raises(BadLisData, match="cut short"):
+        PdfStore(tmp_path, max_bytes=100_000).stage(7, "A-1", _Rewinding())
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"", "not a PDF \\(empty body\\)"),
+    (b"<html>oops</html>", "not a PDF \\(starts with '<htm'\\)"),
+    (b"%PDF-1.4 no end", "PDF cut short"),
+])
+def test_check_pdf_names_what_is_wrong(body, message):
+    from labsync.pdfs import check_pdf
+
+    with pytest.raises(BadLisData, match=f"^PDF of order A-1: {message}"):
+        check_pdf(body[:5], body[-1024:], len(body), max_bytes=10_000, what="PDF of order A-1")
+
+
+def test_an_inline_pdf_goes_through_the_same_checks_without_an_adapter(tmp_path):
+    from labsync.model import PdfRef
+
+    store = PdfStore(tmp_path / "pdfs", max_bytes=400_000)
+    pdf = sample_pdf("inline", size=300_000)  # several chunks
+    staged = store.stage(7, "A-1", None, PdfRef.inline(pdf))
+    path = store.publish(staged)
+    assert path.read_bytes() == pdf
+    assert (staged.size, staged.sha256) == (len(pdf), hashlib.sha256(pdf).hexdigest())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+    for bad, message in ((b"<html>", "not a PDF"), (pdf[:1000], "cut short"),
+                         (sample_pdf(size=500_000), "over 400000 bytes")):
+        with pytest.raises(BadLisData, match=message):
+            store.stage(7, "A-2", None, PdfRef.inline(bad))
+    assert sorted(p.name for p in (tmp_path / "pdfs" / "7").iterdir()) == ["A-1.pdf"]
+
+
+def test_a_url_handle_is_resolved_by_the_adapter_and_checked_here(tmp_path):
+    from labsync.model import PdfRef
+
+    ref = PdfRef.at("https://lis.example/fhir/Binary/17")
+    good, bad = _UrlLis(sample_pdf()), _UrlLis(b"{\"resourceType\": \"Binary\"}")
+    store = PdfStore(tmp_path, max_bytes=100_000)
+
+    assert store.publish(store.stage(7, "A-1", good, ref)).read_bytes() == sample_pdf()
+    assert good.asked == [("A-1", ref)]
+    with pytest.raises(BadLisData, match="not a PDF"):
+        store.stage(7, "A-2", bad, ref)
+    assert sorted(p.name for p in (tmp_path / "7").iterdir()) == ["A-1.pdf"]
+
+
+def test_a_by_order_handle_is_the_old_call(tmp_path):
+    from labsync.model import PdfRef
+
+    lis = _UrlLis(sample_pdf())
+    store = PdfStore(tmp_path, max_bytes=100_000)
+    store.stage(7, "A-1", lis, PdfRef.by_order())
+    store.stage(7, "A-2", lis)
+    assert lis.asked == [("A-1", None), ("A-2", None)]  # no ref: adapters of before handles
+
+
+def test_a_handle_to_fetch_without_an_adapter_is_refused_before_any_file(tmp_path):
+    from labsync.errors import PermanentLisError
+    from labsync.model import PdfRef
+
+    with pytest.raises(PermanentLisError, match="needs an adapter"):
+        PdfStore(tmp_path, max_bytes=100_000).stage(7, "A-1", None, PdfRef.at("x://y"))
+    assert not (tmp_path / "7").exists()

@@ -35,6 +35,7 @@ from labsync.lis.classify import parse_retry_after
 from labsync.lis.http import JsonNumber
 from labsync.lis.qlab import QlabClient
 from labsync.model import OrderStatus, Patient
+from labsync.pdfs import PdfStore
 from labsync.testing.pdfs import sample_pdf
 
 KEY = "sk-live-7c1d9e0a4b"
@@ -578,25 +579,28 @@ def test_pdf_with_padding_after_eof_marker_is_accepted(client, requests_mock) ->
     assert client.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6) == len(PDF) + 4
 
 
-def test_html_instead_of_pdf_is_bad_data(client, requests_mock) -> None:
+# The PDF checks live in labsync.pdfs, the same for every adapter: these go through it.
+
+
+def test_html_instead_of_pdf_is_bad_data(client, requests_mock, tmp_path) -> None:
     requests_mock.get(PDF_URL, text="<html>error</html>", headers={"Content-Type": "text/html"})
 
     with pytest.raises(BadLisData, match="not a PDF \\(starts with '<htm'\\)"):
-        client.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
+        PdfStore(tmp_path, 10**6).stage(7, "A1", client)
 
 
-def test_empty_pdf_is_bad_data(client, requests_mock) -> None:
+def test_empty_pdf_is_bad_data(client, requests_mock, tmp_path) -> None:
     requests_mock.get(PDF_URL, content=b"")
 
     with pytest.raises(BadLisData, match="not a PDF \\(empty body\\)"):
-        client.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
+        PdfStore(tmp_path, 10**6).stage(7, "A1", client)
 
 
-def test_pdf_without_eof_marker_is_cut_short(client, requests_mock) -> None:
+def test_pdf_without_eof_marker_is_cut_short(client, requests_mock, tmp_path) -> None:
     requests_mock.get(PDF_URL, content=PDF[: len(PDF) // 2])
 
     with pytest.raises(BadLisData, match="PDF cut short"):
-        client.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
+        PdfStore(tmp_path, 10**6).stage(7, "A1", client)
     assert requests_mock.call_count == 1
 
 
@@ -670,13 +674,13 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize(("endpoint", "response"), ERROR_CASES)
 def test_api_key_never_appears_in_an_error_message(
-    client, requests_mock, endpoint, response
+    client, requests_mock, endpoint, response, tmp_path
 ) -> None:
     requests_mock.get(f"{BASE}/orders/A1/{endpoint}", **response)
 
     with pytest.raises(LisError) as caught, capture_logs() as logs:
-        if endpoint == "pdf":
-            client.fetch_pdf("A1", io.BytesIO(), max_bytes=10**6)
+        if endpoint == "pdf":  # through the PDF checks, as the engine fetches a PDF
+            PdfStore(tmp_path, 10**6).stage(7, "A1", client)
         else:
             client.fetch_order("A1")
 

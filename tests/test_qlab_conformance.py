@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from labsync.config import LisConfig, Secret
 from labsync.errors import BadLisData, LisAuthError, PermanentLisError, TransientLisError
+from labsync.lis.base import Capability
 from labsync.lis.qlab import QlabClient
 from labsync.model import OrderStatus, Patient, TestResult
 from labsync.testing.fake_qlab import FakeQlab, Fault
@@ -25,10 +27,28 @@ from labsync.testing.pdfs import sample_pdf
 from tests.lis_conformance import LisClientConformance
 
 API_KEY = "conformance-key-5f1e"
+RETRY_ATTEMPTS = 3
+# What a JSON number looks like: such values go over the wire as numbers, the hard case.
+_JSON_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?")
+_ENDPOINT = {"order": "results", "pdf": "pdf"}
+
+
+def _spoiled(fault: str, on: str) -> Fault:
+    """A conformance fault in QLAB's terms (CONTRACT.md, "The QLAB API": errors)."""
+    if fault == "bad_data":  # a 200 whose body is not what was asked for
+        return (Fault(body=b'{"status": "finished", "results": []}') if on == "order"
+                else Fault(body=b"<html>502 Bad Gateway</html>", content_type="text/html"))
+    status = {"auth": 401, "unknown": 404, "pdf_not_ready": 404, "transient": 503}[fault]
+    return Fault(status=status)
 
 
 class QlabServer:
     """``lis_server`` for the conformance suite: model objects in, QLAB JSON out."""
+
+    capabilities = frozenset({Capability.ORDER_LOOKUP, Capability.PDF,
+                              Capability.PATIENT_SEARCH, Capability.ORDER_PLACEMENT})
+    retry_attempts = RETRY_ATTEMPTS
+    says_changed_at = False  # QLAB's answers carry neither a change time nor a version
 
     def __init__(self, fake: FakeQlab) -> None:
         self.fake = fake
@@ -42,11 +62,16 @@ class QlabServer:
         pdf: bytes | None,
         patient: Patient,
         order_date: date,
+        changed_at: datetime | None = None,
+        version: str | None = None,
     ) -> None:
+        payload = {"id": external_id, "status": status.value,
+                   "results": [_result_json(r) for r in results]}
         self.fake.add_order(
             external_id,
             status=status.value,
-            results=[_result_json(r) for r in results],
+            results=payload["results"],
+            results_body=_with_literal_numbers(payload),
             pdf=pdf,
             patient={
                 "phone": patient.phone,
@@ -59,6 +84,33 @@ class QlabServer:
 
     def set_pdf(self, external_id: str, pdf: bytes | None) -> None:
         self.fake.set_pdf(external_id, pdf)
+
+    def fail(self, external_id: str | None, fault: str, *, on: str = "order",
+             times: int | None = 1) -> None:
+        self.fake.inject(external_id, _ENDPOINT[on], _spoiled(fault, on), times=times)
+
+    def requests(self, external_id: str, on: str) -> int:
+        return self.fake.request_count(_ENDPOINT[on], external_id)
+
+
+def _with_literal_numbers(payload: dict[str, Any]) -> bytes:
+    """``payload`` as JSON, with every text that reads as a number sent as a JSON number."""
+    literals: dict[str, str] = {}
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, str) and _JSON_NUMBER.fullmatch(value):
+            token = f"@@number{len(literals)}@@"
+            literals[f'"{token}"'] = value
+            return token
+        return value
+
+    marked = {**payload, "results": [{k: mark(v) if k in ("value", "ref_min", "ref_max")
+                                      else v for k, v in r.items()}
+                                     for r in payload["results"]]}
+    text = json.dumps(marked, ensure_ascii=False)
+    for token, literal in literals.items():
+        text = text.replace(token, literal)
+    return text.encode()
 
 
 def _result_json(result: TestResult) -> dict[str, Any]:
@@ -87,7 +139,7 @@ def _client(fake: FakeQlab, api_key: str = API_KEY) -> QlabClient:
         api_key=Secret(api_key),
         connect_timeout=2.0,
         read_timeout=5.0,
-        retry_attempts=3,
+        retry_attempts=RETRY_ATTEMPTS,
         retry_max_seconds=10.0,
     )
     # Retries wait for nothing: the fake's faults are immediate, and no test should sleep.

@@ -32,8 +32,10 @@ import structlog
 from sqlalchemy import Connection, Engine, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from labsync.breaker import Breaker
+from labsync.clock import utc_now
+from labsync.config.discovery import DiscoveryConfig
 from labsync.discovery import review as review_store
-from labsync.discovery.config import DiscoveryConfig
 from labsync.discovery.matching import Attach, Candidate, Review, decide
 from labsync.discovery.phones import mask_phone, national_digits, normalise_phone, phones_in
 from labsync.errors import Interrupted, LisAuthError, LisError, StoreError, TransientLisError
@@ -51,15 +53,12 @@ from labsync.store.tx import run_tx
 
 log = structlog.get_logger("labsync.discovery")
 
-UNREACHABLE_AFTER = 10  # transient LIS failures in a row that end the run's lookups
 _EXTERNAL_ID_LENGTH = 100  # local_lab_orders.EXTERNAL_ORDER_ID
 _IN_CHUNK = 500
 # What a profile's phone field may hold between the digits of one number.
 _SEPARATORS = (" ", "-", "(", ")", ".", "/", "\t", "\u00a0")
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass
@@ -208,7 +207,7 @@ class _Run:
         self.summary = summary
         self.asked: set[str] = set()
         self.candidates: dict[str, list[Candidate]] = {}
-        self.streak = 0
+        self.breaker = Breaker()  # the LIS refusing the key or down: the run's lookups end
         now_site = job.site_time(now)
         self.date_from = now_site.date() - timedelta(days=self.config.lookback_days)
 
@@ -249,24 +248,24 @@ class _Run:
         except Interrupted:  # stopping: a retry wait was cut short
             raise _Halt("interrupted") from None
         except LisAuthError as exc:
+            self.breaker.refused()
             log.error("discovery.lis_auth", error=str(exc))
-            raise _Halt("lis_auth") from None
+            raise _Halt(self.breaker.reason) from None
         except TransientLisError as exc:
             self.summary.lookup_failures += 1
-            self.streak += 1
             log.warning("discovery.lookup_failed", phone=mask_phone(phone), kind=exc.kind,
                         error=str(exc))
-            if self.streak >= UNREACHABLE_AFTER:
-                log.error("discovery.lis_unreachable", failures_in_a_row=self.streak)
-                raise _Halt("lis_unreachable") from None
+            if self.breaker.failed():
+                log.error("discovery.lis_unreachable", failures_in_a_row=self.breaker.streak)
+                raise _Halt(self.breaker.reason) from None
             return None
         except LisError as exc:  # permanent or bad data: asking again at once will not help
             self.summary.lookup_failures += 1
-            self.streak = 0
+            self.breaker.answered()
             log.warning("discovery.lookup_failed", phone=mask_phone(phone), kind=exc.kind,
                         error=str(exc))
             return ()
-        self.streak = 0
+        self.breaker.answered()
         return refs
 
     def _orders(self, asked: str, refs: Sequence[LisOrderRef]) -> int:

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 
+from labsync.config.discovery import MATCH_MODES
 from labsync.model import Patient
 
-MATCH_MODES = ("auto", "birth_date", "last_name", "both")
 REASONS = ("ambiguous", "mismatch", "no_second_factor")
 BIRTH_DATE, LAST_NAME = "birth date", "last name"
 _MODE_FACTORS = {

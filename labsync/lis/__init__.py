@@ -1,1 +1,2 @@
-"""LIS adapters: one module per LIS behind the interface in ``base``; ``registry`` finds them."""
+"""LIS adapters: one module per LIS behind the capability interfaces in ``base``;
+``registry`` finds them."""

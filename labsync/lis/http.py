@@ -217,7 +217,7 @@ class HttpTransport:
         self._base_url = config.base_url.rstrip("/")
         self._timeout = (config.connect_timeout, config.read_timeout)
         self._verify: str | bool = str(config.ca_file) if config.ca_file else True  # TLS always
-        self._redact = (config.api_key.reveal(),) if config.api_key else ()
+        self._redact = tuple(sorted(config.secret_values(), key=len, reverse=True))
         self._local = threading.local()
         self._proxies = requests.utils.get_environ_proxies(self._base_url)
         self._plain_url = _sent_as_written(self._base_url)
@@ -236,7 +236,7 @@ class HttpTransport:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            session.headers["X-Api-Key"] = self._config.api_key.reveal()
+            session.headers.update(self._config.auth_headers())  # lis.auth: X-Api-Key, …
             session.headers["Accept"] = "application/json"
             session.headers["User-Agent"] = f"labsync/{__version__}"
             # ``_request`` sends these without requests' per-request check: check them once
@@ -412,14 +412,15 @@ class HttpTransport:
         what: str,
         not_found: NotFound = PermanentLisError,
         max_bytes: int,
-        check: BodyCheck,
+        check: BodyCheck | None = None,
         accept: str = "*/*",
     ) -> int:
         """GET ``path`` into ``sink`` in 64 KiB chunks; return the bytes written.
 
         The whole download is one retried unit: ``sink`` is rewound and truncated before each
-        attempt. ``check(head, tail)`` sees the first and last ``EDGE_BYTES`` of a complete
-        body and raises ``BadLisData`` to refuse it. Errors writing to ``sink`` are the
+        attempt. ``check(head, tail)``, when given, sees the first and last ``EDGE_BYTES`` of
+        a complete body and raises ``BadLisData`` to refuse it (PDFs are checked by
+        ``labsync.pdfs``, for every adapter alike). Errors writing to ``sink`` are the
         caller's and pass through unchanged.
         """
 
@@ -438,7 +439,8 @@ class HttpTransport:
                         head += chunk[: EDGE_BYTES - len(head)]
                     tail = (tail + chunk[-EDGE_BYTES:])[-EDGE_BYTES:]
                     sink.write(chunk)
-            check(head, tail)
+            if check is not None:
+                check(head, tail)
             sink.flush()
             return total
 

@@ -14,15 +14,24 @@ from typing import Any, BinaryIO, TypeVar
 
 from labsync.config import LisConfig
 from labsync.errors import BadLisData, PdfNotReady, UnknownOrder
-from labsync.lis.base import LisClient
+from labsync.lis.base import OrderLookup, OrderPlacement, PatientSearch, PdfSource
 from labsync.lis.http import HttpTransport, JsonNumber, excerpt, quote_id
-from labsync.model import LisOrder, LisOrderRef, OrderStatus, Patient, TestResult
+from labsync.model import (
+    BY_ORDER,
+    LisOrder,
+    LisOrderRef,
+    OrderStatus,
+    Patient,
+    PdfKind,
+    PdfRef,
+    TestResult,
+)
 
 _T = TypeVar("_T")
 _STATUSES = {status.value: status for status in OrderStatus}
 
 
-class QlabClient(LisClient):
+class QlabClient(OrderLookup, PdfSource, PatientSearch, OrderPlacement):
     """A QLAB LIS at ``config.base_url`` (``…/v2``), authenticated by ``X-Api-Key``."""
 
     def __init__(
@@ -43,16 +52,23 @@ class QlabClient(LisClient):
         )
         return self._validated(parse_order, external_id, data)
 
-    def fetch_pdf(self, external_id: str, sink: BinaryIO, *, max_bytes: int) -> int:
-        """``GET /orders/{id}/pdf`` streamed into ``sink``; 404 is ``PdfNotReady``."""
+    def fetch_pdf(
+        self, external_id: str, sink: BinaryIO, *, max_bytes: int, ref: PdfRef = BY_ORDER
+    ) -> int:
+        """``GET /orders/{id}/pdf`` streamed into ``sink``; 404 is ``PdfNotReady``.
+
+        QLAB hands out PDFs by order id only (``parse_order`` gives ``PdfRef.by_order()``);
+        the bytes are checked by ``labsync.pdfs``.
+        """
         what = f"PDF of order {excerpt(external_id)}"
+        if ref.kind is not PdfKind.BY_ORDER:
+            raise BadLisData(f"{what}: QLAB gives PDFs by order id only, not {ref.kind}")
         return self._http.stream_to(
             f"/orders/{quote_id(external_id)}/pdf",
             sink,
             what=what,
             not_found=PdfNotReady,
             max_bytes=max_bytes,
-            check=_pdf_check(what),
             accept="application/pdf",
         )
 
@@ -112,7 +128,9 @@ def parse_order(external_id: str, data: Any) -> LisOrder:
     if not isinstance(raw_results, list):
         raise BadLisData(f"{where}: results: expected a JSON array, got {_kind(raw_results)}")
     results = tuple(_result(item, f"{where}: results[{i}]") for i, item in enumerate(raw_results))
-    return LisOrder(external_id=external_id, status=status, results=results)
+    # QLAB serves a completed order's PDF at /orders/{id}/pdf (404 until it is rendered).
+    pdf = BY_ORDER if status is OrderStatus.COMPLETED else None
+    return LisOrder(external_id=external_id, status=status, results=results, pdf=pdf)
 
 
 def _order_refs(data: Any, what: str) -> list[LisOrderRef]:
@@ -271,24 +289,6 @@ def _date(value: Any, where: str, *, allow_time: bool = False) -> date | None:
             except ValueError:
                 pass
         raise BadLisData(f"{where}: {excerpt(repr(value))} is not an ISO 8601 date") from None
-
-
-# -- PDF ------------------------------------------------------------------------------------
-
-
-def _pdf_check(what: str) -> Callable[[bytes, bytes], None]:
-    """The ``check`` for ``stream_to``: a PDF starts with ``%PDF-`` and ends with ``%%EOF``."""
-
-    def check(head: bytes, tail: bytes) -> None:
-        if not head:
-            raise BadLisData(f"{what}: not a PDF (empty body)")
-        if not head.startswith(b"%PDF-"):
-            raise BadLisData(f"{what}: not a PDF (starts with {head[:4].decode('latin-1')!r})")
-        # Writers may append a newline or a little padding after the marker.
-        if b"%%EOF" not in tail:
-            raise BadLisData(f"{what}: PDF cut short (no %%EOF at its end)")
-
-    return check
 
 
 def _mask(phone: str) -> str:

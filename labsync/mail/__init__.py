@@ -5,9 +5,7 @@ order's transaction, it renders the templates (``templates.py``) and queues the 
 ``labsync_outbox`` (``outbox.py``), so the mail commits with the results or not at all.
 The sender job (``sender.py``) then delivers it. See docs/smtp.md.
 
-This package imports nothing of ``labsync.config`` at import time (``labsync.notify`` and
-``labsync.store.bitrix`` are imported where used): ``labsync.config`` imports
-``labsync.mail.smtp_config`` to validate ``[smtp]``, and must not find itself half-loaded.
+The ``[smtp]`` section itself (``SmtpConfig``) is read by ``labsync.config.smtp``.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
+from labsync.config.smtp import SmtpConfig, smtp_config_from
 from labsync.mail import outbox
-from labsync.mail.smtp_config import SmtpConfig, smtp_config_from
 from labsync.mail.templates import MailTemplates, RenderedMail
 
 if TYPE_CHECKING:

@@ -39,8 +39,9 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine
 
+from labsync.clock import utc_now
+from labsync.config.smtp import SmtpConfig
 from labsync.mail import outbox
-from labsync.mail.smtp_config import SmtpConfig
 from labsync.store.tx import run_tx
 
 log = structlog.get_logger("labsync.mail")
@@ -53,8 +54,6 @@ PAUSE_AFTER_STOP = timedelta(minutes=5)  # after a refused login: do not hammer 
 _EMAIL = re.compile(r"[^@\s<>()\[\],;:\"']+@[^@\s<>()\[\],;:\"']+")
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def mask_address(address: str) -> str:

@@ -4,7 +4,7 @@ Per kind of mail (``ready``, ``updated``) the folder holds ``{kind}.subject.j2``
 ``{kind}.txt.j2`` and ``{kind}.html.j2``. The folder chooses the language: labsync ships
 ``labsync/mail/default_templates/ru/`` (the default) and ``.../en/`` as package data,
 chosen by ``smtp.language``; ``smtp.templates`` names a folder of the site's own instead
-(``labsync.mail.smtp_config``).
+(``labsync.config.smtp``).
 
 A template may use only the variables in ``VARIABLES``. Anything else, a syntax error or a
 missing file is found by ``validate()`` at start-up and reported as a ``ConfigError``

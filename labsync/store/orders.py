@@ -53,6 +53,8 @@ class PendingOrder:
     first_seen_at: datetime | None = None
     stale_at: datetime | None = None
     results_count: int | None = None
+    # A completed order published without its PDF (pdf.required = false): asked for it again.
+    pdf_missing: bool = False
 
 
 def free(now_utc: datetime, dead: Collection[str] = ()) -> ColumnElement[bool]:
@@ -86,7 +88,8 @@ def pending_page(
                                   s.c.NEXT_POLL_AT.is_not(None), recheck_due))
     query = (
         select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
-               s.c.RESULTS_HASH, s.c.FIRST_SEEN_AT, s.c.STALE_AT, s.c.RESULTS_COUNT)
+               s.c.RESULTS_HASH, s.c.FIRST_SEEN_AT, s.c.STALE_AT, s.c.RESULTS_COUNT,
+               s.c.PDF_PATH)
         .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
         .where(o.c.ID > after_id, wanted, free(now_utc, dead),
                s.c.LEASE_OWNER.in_(sorted(held_by)) if held_by else true())
@@ -97,7 +100,8 @@ def pending_page(
                          status=r.STATUS, order_date=r.ORDER_DATE,
                          recheck=r.STATUS == "completed", results_hash=r.RESULTS_HASH,
                          first_seen_at=r.FIRST_SEEN_AT, stale_at=r.STALE_AT,
-                         results_count=r.RESULTS_COUNT)
+                         results_count=r.RESULTS_COUNT,
+                         pdf_missing=r.STATUS == "completed" and r.PDF_PATH is None)
             for r in conn.execute(query)]
 
 
@@ -199,62 +203,24 @@ def result_key(code: str | None, name: str | None) -> str:
     return code if code else f"name:{name}"
 
 
-def _keyed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Rows by key; a key seen again gets ``#2``, ``#3``… so repeated tests stay distinct."""
-    seen: dict[str, int] = {}
-    keyed: dict[str, Mapping[str, Any]] = {}
-    for row in rows:
-        base = result_key(row["TEST_CODE"], row["TEST_NAME"])
-        seen[base] = seen.get(base, 0) + 1
-        keyed[base if seen[base] == 1 else f"{base}#{seen[base]}"] = row
-    return keyed
-
-
-@dataclass(frozen=True, slots=True)
-class ResultChanges:
-    inserted: int = 0
-    updated: int = 0
-    deleted: int = 0
-
-    @property
-    def any(self) -> bool:
-        return bool(self.inserted or self.updated or self.deleted)
-
-
-def write_results(
-    conn: Connection, order_id: int, rows: Sequence[Mapping[str, Any]], *, stored: bool = True
-) -> ResultChanges:
-    """Make the order's result rows equal ``rows``: insert new tests, update changed ones in
-    place, delete tests the LIS no longer lists (and twins an older agent left behind).
-
-    Idempotent: the second call with the same rows changes nothing. New rows go in as one
-    multi-row INSERT. ``stored=False`` says the order has no rows now (``lock_order``
-    counted them under the order's lock), which saves reading them.
-    """
-    existing = _keyed(_existing_results(conn, order_id)) if stored else {}
-    wanted = _keyed(rows)
-    to_insert = [dict(row, ORDER_ID=order_id) for k, row in wanted.items() if k not in existing]
-    to_delete = [row["ID"] for k, row in existing.items() if k not in wanted]
-    updated = 0
-    for key, row in wanted.items():
-        old = existing.get(key)
-        if old is None:
-            continue
-        changed = {c: row[c] for c in RESULT_COLUMNS if old[c] != row[c]}
-        if changed:
-            conn.execute(_UPDATE_RESULT, {"b_id": old["ID"], **changed})
-            updated += 1
-    if to_delete:
-        r = local_lab_results
-        conn.execute(delete(r).where(r.c.ID.in_(to_delete)))
-    if to_insert:
-        conn.execute(_INSERT_RESULTS, to_insert)
-    return ResultChanges(inserted=len(to_insert), updated=updated, deleted=len(to_delete))
-
-
-def _existing_results(conn: Connection, order_id: int) -> list[dict[str, Any]]:
+def stored_results(conn: Connection, order_id: int) -> list[dict[str, Any]]:
+    """The order's result rows now, locked (the caller holds the order's lock)."""
     return [dict(row) for row in conn.execute(_EXISTING_RESULTS, {"order_id": order_id})
             .mappings()]
+
+
+def change_results(conn: Connection, order_id: int, insert_rows: Sequence[Mapping[str, Any]],
+                   updates: Sequence[tuple[int, Mapping[str, Any]]],
+                   delete_ids: Sequence[int]) -> None:
+    """Carry out a planned change of the order's rows (``planner.diff_rows``): updates in
+    place by ID, deletions, and the new rows as one multi-row INSERT."""
+    for row_id, changed in updates:
+        conn.execute(_UPDATE_RESULT, {"b_id": row_id, **changed})
+    if delete_ids:
+        r = local_lab_results
+        conn.execute(delete(r).where(r.c.ID.in_(list(delete_ids))))
+    if insert_rows:
+        conn.execute(_INSERT_RESULTS, [dict(row, ORDER_ID=order_id) for row in insert_rows])
 
 
 _EXISTING_RESULTS = (

@@ -26,7 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects.mysql import CHAR, LONGTEXT, MEDIUMTEXT, TIMESTAMP
+from sqlalchemy.dialects.mysql import CHAR, DATETIME, LONGTEXT, MEDIUMTEXT, TIMESTAMP
 
 metadata = MetaData()
 
@@ -35,6 +35,7 @@ _BigId = BigInteger().with_variant(Integer(), "sqlite")
 _Char1 = String(1).with_variant(CHAR(1), "mysql", "mariadb")
 _LongText = Text().with_variant(LONGTEXT(), "mysql", "mariadb")
 _MediumText = Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
+_Moment = DateTime().with_variant(DATETIME(fsp=6), "mysql", "mariadb")  # the LIS's, to the µs
 
 ORDER_STATUSES = ("received", "processing", "completed", "cancelled")
 
@@ -264,5 +265,30 @@ labsync_discovery = Table(
     **_OWN,
 )
 
+# What labsync last applied of each order's LIS version (sources that say when they
+# changed an order: FHIR's meta.lastUpdated, HL7's MSH-7), so an older answer or message
+# never replaces a newer one; and since when a completed order waits for its PDF
+# (pdf.wait). Only written for orders that need it: QLAB's answers carry no version.
+labsync_versions = Table(
+    "labsync_versions",
+    metadata,
+    Column("ORDER_ID", BigInteger, primary_key=True, autoincrement=False),
+    Column("CHANGED_AT", _Moment),  # UTC
+    Column("VERSION", String(200)),
+    Column("PDF_WAIT_SINCE", DateTime),  # UTC
+    **_OWN,
+)
+
+# Change feeds (adapters that can say what changed since a cursor): the opaque cursor of
+# each feed, written in the same transaction as the page of orders it follows.
+labsync_cursors = Table(
+    "labsync_cursors",
+    metadata,
+    Column("NAME", String(100), primary_key=True),
+    Column("FEED_CURSOR", String(2000)),
+    Column("UPDATED_AT", DateTime, nullable=False),
+    **_OWN,
+)
+
 OWN_TABLES = (labsync_orders, labsync_passes, labsync_outbox, labsync_review,
-              labsync_discovery)
+              labsync_discovery, labsync_versions, labsync_cursors)

@@ -1,1 +1,2 @@
-"""Test doubles for labsync (a fake QLAB LIS, sample PDFs) that other projects may reuse."""
+"""Test doubles for labsync (a fake QLAB LIS, an in-memory LIS adapter, sample PDFs) that
+other projects may reuse."""

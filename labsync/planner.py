@@ -1,0 +1,455 @@
+"""What one LIS answer does to one order, decided apart from writing it.
+
+``plan(local, answer, now, policy) -> Plan`` is pure: no database, no files, no clock. It
+is given what the site and labsync's bookkeeping hold for the order (``Local``, read under
+the order's row lock by the executor), what the LIS said (``Answer``: its order and the
+checked, staged PDF, if any) and the rules (``Policy``), and returns everything the order's
+one transaction must write: result rows to insert, update and delete; the new status; the
+mail to queue; labsync's bookkeeping; lines for the admin log. ``labsync.execute`` carries
+plans out, one by one or in batches, and every path (a first completion, a batch, a quiet
+poll, a correction, a failure) decides here, so the checks live in one place.
+
+The promises (property-tested in ``tests/test_planner.py``):
+
+- a plan carried out and planned again from the state it left writes nothing new;
+- an answer older than the one applied (``LisOrder.changed_at``) never replaces it;
+- a plan touches only its own order: the order it was asked about, still the same user's
+  and claimed by no one else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from labsync.model import LisOrder, OrderStatus
+from labsync.pdfs import StagedPdf
+from labsync.polling import failure_delay, is_stale, poll_delay, recheck_delay
+from labsync.results import results_hash, to_rows
+from labsync.store.db import TextFitter
+from labsync.store.orders import PENDING, RESULT_COLUMNS, PendingOrder, QuietPoll, result_key
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The rules a plan follows, from ``[site]``, ``[sync]`` and ``[pdf]``."""
+
+    zone: ZoneInfo
+    fitter: TextFitter
+    interval: timedelta
+    stale_after: timedelta
+    recheck_window: timedelta
+    pdf_required: bool = True  # never completed without a valid PDF
+    pdf_wait: timedelta = timedelta(0)  # with pdf_required False: how long to wait for one
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What labsync last applied of the LIS's order (``labsync_lis_versions``)."""
+
+    changed_at: datetime | None = None  # UTC, naive
+    version: str | None = None
+    pdf_wait_since: datetime | None = None  # UTC, naive: completed, its PDF still awaited
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """The order as the site and labsync hold it, read under the order's lock.
+
+    ``asked`` is the order as the pass read it before asking the LIS; ``current`` the same
+    row re-read under the lock (None: it is gone). ``state`` is its ``labsync_orders`` row
+    (None: never seen), ``stored`` its result rows now (with their IDs).
+    """
+
+    asked: PendingOrder
+    current: PendingOrder | None
+    state: Any
+    stored: Sequence[Mapping[str, Any]] = ()
+    seen: Seen | None = None
+    owner: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the LIS said: its order and, for a completed one, its PDF (checked, staged)."""
+
+    order: LisOrder
+    pdf: StagedPdf | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowChanges:
+    """What the order's ``local_lab_results`` rows need: new rows, changes by ID, IDs to go."""
+
+    insert: tuple[dict[str, Any], ...] = ()
+    update: tuple[tuple[int, dict[str, Any]], ...] = ()
+    delete: tuple[int, ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return bool(self.insert or self.update or self.delete)
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A notification to queue: the "ready" mail, or the "updated" one for ``version``."""
+
+    kind: str  # ready | updated
+    version: int = 1
+
+
+@dataclass
+class Plan:
+    """Everything one order's transaction writes; nothing at all when ``outcome`` is skipped."""
+
+    outcome: str  # completed | corrected | rechecked | cancelled | pending | skipped
+    status: str | None = None  # new local_lab_orders.STATUS
+    synced: bool = False  # SYNCED_AT = now, site time, with the status
+    publish: StagedPdf | None = None  # moved into place before the rows are written
+    rows: RowChanges = field(default_factory=RowChanges)
+    mail: Mail | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # labsync_orders values
+    seen: Seen | None = None  # what to remember of the LIS's order, when it changed
+    admin_log: list[str] = field(default_factory=list)  # b_event_log lines (WARNING)
+    notes: list[str] = field(default_factory=list)  # values fitted to their column
+    lines: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # to log
+
+    @property
+    def writes(self) -> bool:
+        return self.outcome != "skipped"
+
+
+SKIP = "skipped"
+
+
+def policy(*, zone: ZoneInfo, fitter: TextFitter, interval: float, stale_after: float,
+           recheck_days: int, pdf_required: bool = True, pdf_wait: float = 0.0) -> Policy:
+    """The policy from the config's values (seconds and days, as ``[sync]`` and ``[pdf]``
+    hold them)."""
+    return Policy(zone=zone, fitter=fitter, interval=timedelta(seconds=interval),
+                  stale_after=timedelta(seconds=stale_after),
+                  recheck_window=timedelta(days=recheck_days), pdf_required=pdf_required,
+                  pdf_wait=timedelta(seconds=pdf_wait))
+
+
+def plan(local: Local, answer: Answer, now: datetime, policy: Policy) -> Plan:
+    """The order's plan. ``now`` is UTC, naive."""
+    reason = _not_ours(local)
+    if reason:
+        return Plan(SKIP, lines=[reason])
+    lis = answer.order
+    if _older(lis, local.seen):
+        return Plan(SKIP, lines=[("info", "order.older_answer", {
+            "changed_at": str(lis.changed_at), "applied": str(local.seen and
+                                                                local.seen.changed_at)})])
+    if local.asked.recheck:
+        return _recheck(local, answer, now, policy)
+    return _first(local, answer, now, policy)
+
+
+def _not_ours(local: Local) -> tuple[str, str, dict[str, Any]] | None:
+    """Why the order is no longer this plan's to write, as a log line; None if it is."""
+    asked, current, state = local.asked, local.current, local.state
+    wanted = ("completed",) if asked.recheck else (*PENDING, None)
+    if (current is None or current.user_id != asked.user_id
+            or current.external_id != asked.external_id or current.status not in wanted):
+        return ("info", "order.changed_meanwhile", {"status": current and current.status})
+    if state is not None and state.LEASE_OWNER not in (None, local.owner):
+        return ("warning", "order.lease_lost", {"holder": state.LEASE_OWNER})
+    if asked.recheck and state is None:
+        return ("info", "order.changed_meanwhile", {"status": current.status})
+    return None
+
+
+def _older(lis: LisOrder, seen: Seen | None) -> bool:
+    """Whether the LIS's answer is older than the one already applied."""
+    if seen is None or seen.changed_at is None or lis.changed_at is None:
+        return False
+    return utc_naive(lis.changed_at) < seen.changed_at
+
+
+def _seen(local: Local, lis: LisOrder, *, pdf_wait_since: datetime | None) -> Seen | None:
+    """What to remember of the LIS's order, or None when nothing of it changed."""
+    changed_at = utc_naive(lis.changed_at) if lis.changed_at is not None else None
+    new = Seen(changed_at, lis.version, pdf_wait_since)
+    old = local.seen or Seen()
+    if new == old or (changed_at is None and lis.version is None
+                      and pdf_wait_since == old.pdf_wait_since):
+        return None
+    return new
+
+
+def _polled(state: Any, lis: LisOrder, now: datetime) -> dict[str, Any]:
+    """The bookkeeping every answered poll writes."""
+    return {"LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1, "FAILURES": 0,
+            "LIS_STATUS": lis.status.value, "LEASE_OWNER": None, "LEASE_UNTIL": None}
+
+
+# -- a pending order --------------------------------------------------------------------------
+
+
+def _first(local: Local, answer: Answer, now: datetime, policy: Policy) -> Plan:
+    lis, state, current = answer.order, local.state, local.current
+    assert current is not None
+    result = Plan("pending", state=_polled(state, lis, now))
+    if lis.status is OrderStatus.CANCELLED:
+        result.outcome, result.status, result.synced = "cancelled", "cancelled", True
+        result.state["NEXT_POLL_AT"] = None
+        result.lines.append(("info", "order.cancelled", {}))
+        result.seen = _seen(local, lis, pdf_wait_since=None)
+        return result
+    if lis.status is OrderStatus.RECEIVED:
+        result.lines.append(("info", "order.received", {}))
+        _schedule(local, now, policy, result)
+        result.seen = _seen(local, lis, pdf_wait_since=None)
+        return result
+    completing = lis.status is OrderStatus.COMPLETED
+    wait_since = None
+    if completing and answer.pdf is None:
+        wait_since = (local.seen.pdf_wait_since if local.seen else None) or now
+        if policy.pdf_required or now - wait_since < policy.pdf_wait:
+            completing = False  # results stored, shown once the form is here (or waited for)
+    pdf_path = str(answer.pdf.final_path) if completing and answer.pdf is not None else None
+    rows, result.notes = _rows(lis, pdf_path, policy)
+    result.rows = diff_rows(local.stored, rows)
+    result.state.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
+    if completing:
+        result.outcome, result.status, result.synced = "completed", "completed", True
+        result.publish = answer.pdf
+        result.state.update(COMPLETED_AT=now, RESULTS_VERSION=1,
+                            NEXT_POLL_AT=_next_recheck(timedelta(0), now, policy))
+        if answer.pdf is not None:
+            result.state.update(PDF_PATH=pdf_path, PDF_SHA256=answer.pdf.sha256,
+                                PDF_BYTES=answer.pdf.size)
+        if state is None or state.NOTIFIED_AT is None:
+            result.mail = Mail("ready")
+        result.seen = _seen(local, lis, pdf_wait_since=None)
+        result.lines.append(("info", "order.completed", {
+            "results": len(rows), "inserted": len(result.rows.insert),
+            "updated": len(result.rows.update), "deleted": len(result.rows.delete),
+            "pdf": pdf_path, "mail": "sent before", "mail_event": None}))
+        return result
+    if current.status != "processing":
+        result.status = "processing"
+    if lis.status is OrderStatus.COMPLETED:  # completed in the LIS, its PDF awaited
+        result.lines.append(("info", "order.waiting_for_pdf", {
+            "results": len(rows), "since": str(wait_since)}))
+    else:
+        result.lines.append(("info", "order.processing", {"results": len(rows),
+                                                          "changed": result.rows.any}))
+    _schedule(local, now, policy, result)
+    if wait_since is not None and not policy.pdf_required:
+        due = wait_since + policy.pdf_wait
+        result.state["NEXT_POLL_AT"] = min(result.state["NEXT_POLL_AT"], max(due, now))
+    result.seen = _seen(local, lis, pdf_wait_since=wait_since)
+    return result
+
+
+def _schedule(local: Local, now: datetime, policy: Policy, result: Plan) -> None:
+    """The next poll by the order's age; the order marked stale once when it is too old."""
+    state = local.state
+    age = order_age(local.asked, state.FIRST_SEEN_AT if state else None, now, policy.zone)
+    result.state["NEXT_POLL_AT"] = now + poll_delay(age, interval=policy.interval,
+                                                    stale_after=policy.stale_after)
+    if is_stale(age, policy.stale_after) and (state is None or state.STALE_AT is None):
+        result.state["STALE_AT"] = now
+        result.lines.append(("warning", "order.stale", {"age_days": age.days}))
+        result.admin_log.append(f"Order {local.asked.external_id}: still pending in the LIS "
+                                f"after {age.days} days; labsync now asks about it once a day")
+
+
+# -- a completed order, asked again -------------------------------------------------------------
+
+
+def _recheck(local: Local, answer: Answer, now: datetime, policy: Policy) -> Plan:
+    """A completed order asked again: a correction, a PDF that came late, or nothing."""
+    lis, state, order = answer.order, local.state, local.asked
+    since = now - (state.COMPLETED_AT or now)
+    result = Plan("rechecked", state=_polled(state, lis, now))
+    result.state["NEXT_POLL_AT"] = _next_recheck(since, now, policy)
+    if lis.status is not OrderStatus.COMPLETED:
+        # The site keeps showing the released results; a human should look at this.
+        result.lines.append(("warning", "order.recheck_status_changed",
+                             {"lis_status": lis.status.value}))
+        return result
+    pdf_path = state.PDF_PATH
+    if answer.pdf is not None:
+        pdf_path = str(answer.pdf.final_path)
+        result.publish = answer.pdf
+        result.state.update(PDF_PATH=pdf_path, PDF_SHA256=answer.pdf.sha256,
+                            PDF_BYTES=answer.pdf.size)
+        if state.PDF_PATH is None:
+            result.lines.append(("info", "order.pdf_arrived", {"pdf": pdf_path}))
+    rows, result.notes = _rows(lis, pdf_path, policy)
+    result.rows = diff_rows(local.stored, rows)
+    result.seen = _seen(local, lis, pdf_wait_since=None)
+    digest = results_hash(rows)
+    if digest == order.results_hash or not result.rows.any:
+        return result  # the same results (a PDF that came late is not a correction)
+    version = (state.RESULTS_VERSION or 1) + 1
+    result.outcome, result.status, result.synced = "corrected", "completed", True
+    result.state.update(RESULTS_HASH=digest, RESULTS_COUNT=len(rows), RESULTS_VERSION=version)
+    if (state.UPDATE_NOTIFIED_VERSION or 1) < version:
+        result.mail = Mail("updated", version)
+        result.state["UPDATE_NOTIFIED_VERSION"] = version
+    result.lines.append(("info", "order.corrected", {
+        "version": version, "inserted": len(result.rows.insert),
+        "updated": len(result.rows.update), "deleted": len(result.rows.delete),
+        "mail": False}))
+    return result
+
+
+def _next_recheck(since_completion: timedelta, now: datetime, policy: Policy
+                  ) -> datetime | None:
+    delay = recheck_delay(since_completion, window=policy.recheck_window)
+    return None if delay is None else now + delay
+
+
+# -- the fast path and failures -------------------------------------------------------------------
+
+
+def quiet(order: PendingOrder, lis: LisOrder, now: datetime, policy: Policy
+          ) -> QuietPoll | None:
+    """The bookkeeping of a poll that changes nothing on the site, or None.
+
+    Most polls find an order still in the lab with nothing reported and nothing of
+    labsync's to undo. Such a poll writes at most the order's move to ``processing``, which
+    one conditional UPDATE guarded by the claim can do without a lock or a re-read
+    (``orders.save_quiet``). Anything else (results, an order turning stale, a version to
+    remember) goes through ``plan``.
+    """
+    status = lis.status
+    if order.recheck or lis.results or order.results_count:
+        return None
+    if status not in (OrderStatus.RECEIVED, OrderStatus.PROCESSING):
+        return None
+    if lis.changed_at is not None or lis.version is not None:
+        return None  # its version is remembered, under the lock
+    age = order_age(order, order.first_seen_at, now, policy.zone)
+    if is_stale(age, policy.stale_after) and order.stale_at is None:
+        return None  # marked stale once, with its admin-log line: plan does that
+    delay = poll_delay(age, interval=policy.interval, stale_after=policy.stale_after)
+    return QuietPoll(order.id, order.external_id, order.user_id, status.value, now + delay,
+                     to_processing=(status is OrderStatus.PROCESSING
+                                    and order.status != "processing"))
+
+
+@dataclass
+class FailurePlan:
+    """The bookkeeping of a failed order, and its admin-log line (once per new problem)."""
+
+    state: dict[str, Any]
+    admin_log: str | None
+
+
+def failure(order: PendingOrder, state: Any, kind: str, message: str, now: datetime,
+            policy: Policy, *, admin_log: bool = True) -> FailurePlan:
+    """Count the failure and back off; ``admin_log=False``: the caller reports it itself."""
+    failures = (state.FAILURES if state else 0) + 1
+    age = order_age(order, state.FIRST_SEEN_AT if state else None, now, policy.zone)
+    delay = max(failure_delay(failures),
+                poll_delay(age, interval=policy.interval, stale_after=policy.stale_after))
+    values = {
+        "LAST_POLL_AT": now, "POLLS": (state.POLLS if state else 0) + 1,
+        "FAILURES": failures, "FAILURES_TOTAL": (state.FAILURES_TOTAL if state else 0) + 1,
+        "LAST_ERROR_KIND": kind, "LAST_ERROR": message, "LAST_ERROR_AT": now,
+        "NEXT_POLL_AT": now + delay, "LEASE_OWNER": None, "LEASE_UNTIL": None,
+    }
+    new_problem = state is None or state.LAST_ERROR != message or state.FAILURES == 0
+    return FailurePlan(values, about(order.external_id, message)
+                       if admin_log and new_problem else None)
+
+
+def about(external_id: str, message: str) -> str:
+    """``Order X: message``, without naming the order twice when the message already does."""
+    for lead in (f"order {external_id}: ", f"order {external_id!r}: "):
+        if message.lower().startswith(lead.lower()):
+            message = message[len(lead):]
+            break
+    return f"Order {external_id}: {message}"
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+
+def rows_of(lis: LisOrder, pdf_path: str | None, policy: Policy
+            ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The order's result rows, and a line for each value that had to be fitted."""
+    return _rows(lis, pdf_path, policy)
+
+
+def _rows(lis: LisOrder, pdf_path: str | None, policy: Policy
+          ) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, notes = to_rows(lis.results, zone=policy.zone, fitter=policy.fitter,
+                          pdf_path=pdf_path)
+    return rows, [f"test {n.test}, {n.column}: {n.change}" for n in notes]
+
+
+def fingerprint(lis: LisOrder, policy: Policy) -> str:
+    """The fingerprint of the rows these results would become (to notice corrections)."""
+    rows, _ = _rows(lis, None, policy)
+    return results_hash(rows)
+
+
+def diff_rows(stored: Sequence[Mapping[str, Any]], wanted: Sequence[Mapping[str, Any]]
+              ) -> RowChanges:
+    """What makes ``stored`` (rows with IDs) equal ``wanted``: new tests inserted, changed
+    ones updated in place, tests the LIS no longer lists (and twins an older agent left)
+    deleted. Rows are matched by code, or by name without one; a repeated test by its
+    position."""
+    existing = _keyed(stored)
+    target = _keyed(wanted)
+    insert = tuple(dict(row) for key, row in target.items() if key not in existing)
+    delete = tuple(int(row["ID"]) for key, row in existing.items() if key not in target)
+    update = []
+    for key, row in target.items():
+        old = existing.get(key)
+        if old is not None:
+            changed = {c: row[c] for c in RESULT_COLUMNS if old[c] != row[c]}
+            if changed:
+                update.append((int(old["ID"]), changed))
+    return RowChanges(insert, tuple(update), delete)
+
+
+def _keyed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Rows by key; a key seen again gets ``#2``, ``#3``… so repeated tests stay distinct."""
+    seen: dict[str, int] = {}
+    keyed: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        base = result_key(row["TEST_CODE"], row["TEST_NAME"])
+        seen[base] = seen.get(base, 0) + 1
+        keyed[base if seen[base] == 1 else f"{base}#{seen[base]}"] = row
+    return keyed
+
+
+def order_age(order: PendingOrder, first_seen: datetime | None, now: datetime, zone: ZoneInfo
+              ) -> timedelta:
+    """How long the order has been waiting, for the polling schedule.
+
+    Counted from when labsync first saw it (within one pass of its arrival): ``ORDER_DATE``
+    is only a date, and counting from its midnight would make a morning's orders look hours
+    old on their first poll. An order dated more than a day before labsync first saw it (a
+    backlog labsync found when it was installed) counts from its date instead.
+    """
+    start = first_seen or now
+    if order.order_date is not None:
+        midnight = datetime.combine(order.order_date, time(), zone)
+        ordered = midnight.astimezone(UTC).replace(tzinfo=None)
+        if ordered < start - timedelta(days=1):
+            start = ordered
+    return max(now - start, timedelta(0))
+
+
+def site_time(now_utc: datetime, zone: ZoneInfo) -> datetime:
+    """UTC (naive) → the site's naive local time, as its DATETIME columns hold it."""
+    return now_utc.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
+
+
+def utc_naive(moment: datetime) -> datetime:
+    """An aware time as naive UTC (a naive one is taken as UTC already)."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)

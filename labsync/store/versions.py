@@ -1,0 +1,35 @@
+"""``labsync_versions``: what labsync last applied of each order's LIS version.
+
+Read under the order's lock (the order's row is locked first by every writer), written in
+the order's own transaction. Orders whose LIS gives no version have no row here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
+
+from labsync.store.tables import labsync_versions
+
+_GET = select(labsync_versions).where(labsync_versions.c.ORDER_ID == bindparam("order_id"))
+_UPDATE = update(labsync_versions).where(labsync_versions.c.ORDER_ID == bindparam("b_id"))
+
+
+def get(conn: Connection, order_id: int) -> Any:
+    """The order's row (CHANGED_AT, VERSION, PDF_WAIT_SINCE), or None."""
+    return conn.execute(_GET, {"order_id": order_id}).first()
+
+
+def save(conn: Connection, order_id: int, *, exists: bool, changed_at: datetime | None,
+         version: str | None, pdf_wait_since: datetime | None) -> None:
+    values = {"CHANGED_AT": changed_at, "VERSION": version, "PDF_WAIT_SINCE": pdf_wait_since}
+    if exists:
+        conn.execute(_UPDATE, {"b_id": order_id, **values})
+    else:
+        conn.execute(insert(labsync_versions).values(ORDER_ID=order_id, **values))
+
+
+def forget(conn: Connection, order_id: int) -> None:
+    conn.execute(delete(labsync_versions).where(labsync_versions.c.ORDER_ID == order_id))
