@@ -6,12 +6,15 @@ The CLI, the daemon and the demo all build labsync here, so they run the same co
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine
 
+from labsync import planner
+from labsync.clock import utc_now
 from labsync.config import Config
 from labsync.discovery.job import DiscoveryJob
 from labsync.errors import ConfigError
@@ -20,8 +23,10 @@ from labsync.lis.base import LisClient
 from labsync.lis.registry import capability_problems, make_client
 from labsync.mail.sender import SmtpSender
 from labsync.metrics import Metrics
+from labsync.notify import make_notifier
+from labsync.pdfs import PdfStore
 from labsync.store.db import TextFitter, detect_text_fitter, make_engine, verify_tables
-from labsync.sync import SyncEngine
+from labsync.sync import PassSettings, SyncEngine
 
 
 @dataclass
@@ -34,6 +39,23 @@ class App:
     metrics: Metrics
     discovery: DiscoveryJob
     mail: SmtpSender | None = None  # notify.backend = "smtp": sends labsync's own outbox
+
+
+def build_sync(config: Config, engine: Engine, lis: LisClient, fitter: TextFitter, *,
+               now: Callable[[], datetime] = utc_now, metrics: Metrics | None = None
+               ) -> SyncEngine:
+    """The sync engine, each of its parts handed its own section of the config."""
+    policy = planner.policy(
+        zone=config.site.timezone, fitter=fitter, interval=config.sync.interval,
+        stale_after=config.sync.stale_after, recheck_days=config.sync.recheck_days,
+        pdf_required=config.pdf.required, pdf_wait=config.pdf.wait)
+    settings = PassSettings(page_size=config.sync.page_size, lease=config.sync.lease,
+                            recheck_days=config.sync.recheck_days,
+                            max_concurrency=config.lis.max_concurrency)
+    notifier = make_notifier(config.notify, config.smtp, fitter, zone=config.site.timezone)
+    return SyncEngine(settings, engine, lis, policy=policy,
+                      pdfs=PdfStore(config.pdf.dir, config.pdf.max_bytes), notifier=notifier,
+                      site_id=config.notify.site_id, now=now, metrics=metrics)
 
 
 def check_wiring(config: Config) -> None:
@@ -69,7 +91,7 @@ def open_app(config: Config, *, lis: LisClient | None = None,
                 options["sleep"] = interruptible_sleep(stop)
             client = make_client(config.lis, **options)
         metrics = Metrics(config.metrics)
-        sync = SyncEngine(config, engine, client, fitter, metrics=metrics)
+        sync = build_sync(config, engine, client, fitter, metrics=metrics)
         discovery = DiscoveryJob(config.discovery, engine, client, fitter,
                                  zone=config.site.timezone, site_id=config.notify.site_id,
                                  now=sync.now)

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -26,8 +26,6 @@ from labsync.errors import ConfigError
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from labsync.passes import PassSummary
 
 log = structlog.get_logger("labsync.metrics")
 
@@ -47,6 +45,22 @@ LIS_ERROR_KINDS = (
 PASS_OUTCOMES = ("ok", "lis_auth", "lis_unreachable", "interrupted")
 # From a quiet pass over a few orders to a long catch-up after an outage.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class PassTally(Protocol):
+    """What ``pass_finished`` reads of a pass (``labsync.passes.PassSummary``): the
+    metrics sit below the engine and know only these counts, one per ``ORDER_OUTCOMES``."""
+
+    duration_s: float
+    outcome: str
+    events: int
+    completed: int
+    corrected: int
+    rechecked: int
+    cancelled: int
+    pending: int
+    failed: int
+    skipped: int
 
 
 class Metrics:
@@ -158,7 +172,7 @@ class Metrics:
 
     # -- recording ------------------------------------------------------------------------
 
-    def pass_finished(self, summary: PassSummary) -> None:
+    def pass_finished(self, summary: PassTally) -> None:
         """Record one finished pass, then write the textfile if one is configured."""
         if self.config is None:
             return

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -44,7 +45,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from labsync import planner
 from labsync.breaker import AUTH, UNREACHABLE_AFTER, Breaker
 from labsync.clock import utc_now
-from labsync.config import Config
 from labsync.errors import (
     DiskError,
     LabsyncError,
@@ -55,12 +55,12 @@ from labsync.errors import (
 from labsync.execute import Applied, Completion, Executor
 from labsync.lis.base import LisClient
 from labsync.model import OrderStatus
-from labsync.notify import Notifier, make_notifier
+from labsync.notify import Notifier
 from labsync.observe import Observation, Observer
 from labsync.passes import PassProblems, PassSummary
 from labsync.pdfs import PdfStore
 from labsync.store import claims, liveness, orders
-from labsync.store.db import TextFitter, describe_db_error
+from labsync.store.db import describe_db_error
 from labsync.store.tx import held_connection, run_tx
 
 log = structlog.get_logger("labsync.sync")
@@ -79,6 +79,16 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+@dataclass(frozen=True, slots=True)
+class PassSettings:
+    """What a pass needs of ``[sync]`` and ``[lis]``."""
+
+    page_size: int = 500
+    lease: float = 900.0  # seconds a claim holds while its owner lives but is stuck
+    recheck_days: int = 0  # completed orders asked again for corrections this many days
+    max_concurrency: int = 8  # LIS requests at once
+
+
 class SyncEngine:
     """Runs passes over the pending orders; ``sync-once`` and the scheduler call ``run_pass``.
 
@@ -88,42 +98,37 @@ class SyncEngine:
 
     def __init__(
         self,
-        config: Config,
+        settings: PassSettings,
         engine: Engine,
         lis: LisClient,
-        fitter: TextFitter,
         *,
+        policy: planner.Policy,
+        pdfs: PdfStore,
+        notifier: Notifier,
+        site_id: str,
         now: Callable[[], datetime] = utc_now,
         metrics: Any = None,
-        notifier: Notifier | None = None,
     ) -> None:
-        self.config = config
+        self.settings = settings
         self.engine = engine
         self.lis = lis
         self.now = now
         self.metrics = metrics
         self.owner = claims.new_owner()
         self.liveness = liveness.OwnerLock(engine, self.owner)
-        self.pdfs = PdfStore(config.pdf.dir, config.pdf.max_bytes)
-        self.policy = planner.policy(
-            zone=config.site.timezone, fitter=fitter, interval=config.sync.interval,
-            stale_after=config.sync.stale_after, recheck_days=config.sync.recheck_days,
-            pdf_required=config.pdf.required, pdf_wait=config.pdf.wait)
-        self.applier = Executor(
-            self.policy, pdfs=self.pdfs, fitter=fitter, site_id=config.notify.site_id,
-            owner=self.owner, notifier=notifier or make_notifier(
-                config.notify, config.smtp, fitter, zone=config.site.timezone))
-        self.fitter = fitter
+        self.pdfs = pdfs
+        self.policy = policy
+        self.fitter = policy.fitter
+        self.applier = Executor(policy, pdfs=pdfs, fitter=policy.fitter, site_id=site_id,
+                                owner=self.owner, notifier=notifier)
         self.progress_at = time.monotonic()
         self.busy = False
         # Open when asking the LIS about more orders this pass is pointless: it refused the
         # key, or it has failed every request for a while (at least twice the concurrency).
-        self.breaker = Breaker(max(UNREACHABLE_AFTER, 2 * config.lis.max_concurrency))
-        self.observer = Observer(lis, self.pdfs, self.breaker,
-                                 fingerprint=self.applier.fingerprint,
-                                 pdf_required=self.policy.pdf_required)
-        self.problems = PassProblems(engine, fitter, site_id=config.notify.site_id,
-                                     pdf_dir=config.pdf.dir,
+        self.breaker = Breaker(max(UNREACHABLE_AFTER, 2 * settings.max_concurrency))
+        self.observer = Observer(lis, pdfs, self.breaker, fingerprint=self.applier.fingerprint,
+                                 pdf_required=policy.pdf_required)
+        self.problems = PassProblems(engine, policy.fitter, site_id=site_id, pdf_dir=pdfs.root,
                                      site_time=lambda: self.applier.site_time(self.now()))
 
     # -- the pass ---------------------------------------------------------------------------
@@ -152,7 +157,7 @@ class SyncEngine:
             structlog.contextvars.bind_contextvars(pass_id=summary.pass_id)
             log.info("pass.started")
             dead = self._dead_owners()
-            workers = max(1, self.config.lis.max_concurrency)
+            workers = max(1, self.settings.max_concurrency)
             # One page ahead: the workers ask the LIS about the next page while this thread
             # applies the last one, so neither waits for the other at page ends.
             ahead: list[Future[Observation]] = []
@@ -238,9 +243,9 @@ class SyncEngine:
                ) -> Iterator[list[orders.PendingOrder]]:
         """Pages of pending orders, each claimed for this instance before it is yielded."""
         after = 0
-        size = self.config.sync.page_size
-        lease = timedelta(seconds=self.config.sync.lease)
-        days = self.config.sync.recheck_days
+        size = self.settings.page_size
+        lease = timedelta(seconds=self.settings.lease)
+        days = self.settings.recheck_days
         while True:
             now = self.now()
             since = now - timedelta(days=days) if days else None

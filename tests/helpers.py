@@ -13,11 +13,11 @@ import structlog
 from sqlalchemy import insert, select
 
 from labsync import logs
-from labsync.app import open_app
+from labsync.app import build_sync, open_app
 from labsync.config import Config
 from labsync.lis.qlab import QlabClient
 from labsync.store.tables import local_lab_orders, local_lab_results
-from labsync.sync import PassSummary, SyncEngine
+from labsync.sync import PassSummary
 
 
 def run_pass(config: Config, *, due_only: bool = False, now: Any = None) -> PassSummary:
@@ -26,7 +26,7 @@ def run_pass(config: Config, *, due_only: bool = False, now: Any = None) -> Pass
     with open_app(config, lis=lis) as app:
         engine = app.sync
         if now is not None:
-            engine = SyncEngine(config, app.engine, lis, app.fitter, now=now)
+            engine = build_sync(config, app.engine, lis, app.fitter, now=now)
         return engine.run_pass(due_only=due_only)
 
 

@@ -2,8 +2,10 @@
 
 Used when ``notify.backend = "smtp"``: labsync renders the mail itself and hands it to an SMTP
 server, instead of queueing a ``b_event`` row for the site's mail agent. Every problem is
-reported with its key (``smtp.port: must be an integer from 1 to 65535``); the templates are
-checked here too, so a template mistake is a config error at start-up.
+reported with its key (``smtp.port: must be an integer from 1 to 65535``). Of the templates
+only the folder is checked here: whether they render is the mail package's to say (jinja2,
+above the config layer), and it says so when the notifier is built at start-up
+(``SmtpNotifier``) and in ``labsync check``, naming the file and line.
 
 The templates come with the package (``labsync/mail/default_templates/ru`` and ``.../en``;
 ``smtp.language`` picks one, Russian by default), so an installed labsync needs no template
@@ -24,7 +26,6 @@ from typing import Any
 
 from labsync.config.readers import Invalid, Secret
 from labsync.config.schema import Context, Key, Kind, Section, read_section, table_of
-from labsync.errors import ConfigError
 
 # Shipped as package data of labsync.mail (pyproject.toml): one folder per language, the same
 # six files each. A path only: the config layer does not import the mail package.
@@ -145,10 +146,10 @@ def smtp_from(raw: Any, ctx: Context, *, required: bool = False) -> SmtpConfig |
     if "templates" in values.given:  # the site's own folder; smtp.language does not apply
         if values.ok("templates"):
             templates = values["templates"]
-            _check_templates(templates, ctx, builtin=False)
+            _check_template_folder(templates, ctx, builtin=False)
     else:
         templates = builtin_templates(language or DEFAULT_LANGUAGE)
-        _check_templates(templates, ctx, builtin=True)
+        _check_template_folder(templates, ctx, builtin=True)
     if len(ctx.problems) > found or templates is None:
         return None
     return SmtpConfig(
@@ -168,7 +169,7 @@ def smtp_config_from(
     return config, ctx.problems
 
 
-def _check_templates(folder: Path, ctx: Context, *, builtin: bool) -> None:
+def _check_template_folder(folder: Path, ctx: Context, *, builtin: bool) -> None:
     if not folder.is_dir():
         if builtin:  # a broken installation, not a setting to fix
             ctx.problem("smtp.templates", f"the built-in templates are missing ({folder} is "
@@ -179,16 +180,6 @@ def _check_templates(folder: Path, ctx: Context, *, builtin: bool) -> None:
                                           "out for the built-in templates, or copy the files "
                                           f"of {BUILTIN_TEMPLATES}/ru/ or en/ there to edit "
                                           "them)")
-        return
-    # The one reference of the config layer to a layer above it, and only when [smtp] is
-    # given: whether the templates render is the mail package's to say (jinja2), and a
-    # template mistake must be a config error at start-up like any other.
-    from labsync.mail.templates import MailTemplates
-
-    try:
-        MailTemplates(folder).validate()
-    except ConfigError as exc:
-        ctx.problems.extend(exc.problems)
 
 
 def is_loopback(host: str) -> bool:
