@@ -192,8 +192,9 @@ def _check_smtp(config: Config, report: CheckReport) -> None:
     from labsync.mail.templates import MailTemplates
 
     smtp = config.smtp
-    # The set the daemon will render from, checked again here (load checked it too): the
-    # line says which one it is.
+    # The set the daemon will render from (the config checks only that its folder exists;
+    # the notifier refuses to start on a template that does not render): the line says
+    # which one it is.
     if smtp.uses_builtin_templates:
         which = (f"the built-in templates (smtp.language = "
                  f"\"{smtp.language or DEFAULT_LANGUAGE}\") in {smtp.templates}")

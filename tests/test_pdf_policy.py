@@ -91,3 +91,19 @@ def test_pdf_wait_holds_a_completed_order_back_then_publishes_it_without_the_for
 
     assert done.completed == 1
     assert order_row(db, "N-1").STATUS == "completed" and len(events(db)) == 1
+
+
+def test_pdf_wait_takes_0s_and_is_refused_with_a_required_pdf():
+    import pytest
+
+    from labsync.config import from_mapping
+    from labsync.errors import ConfigError
+
+    base = {"database": {"url": "sqlite:////tmp/labsync-x.db"}, "site": {"timezone": "UTC"},
+            "lis": {"adapter": "qlab", "base_url": "http://lis.example/v2", "api_key": "k"}}
+    config = from_mapping({**base, "pdf": {"dir": "/tmp/p", "required": False, "wait": "0s"}},
+                          env={})
+    assert (config.pdf.required, config.pdf.wait) == (False, 0.0)
+    with pytest.raises(ConfigError) as refused:
+        from_mapping({**base, "pdf": {"dir": "/tmp/p", "wait": "2h"}}, env={})
+    assert [p for p in refused.value.problems if p.startswith("pdf.wait: only applies with")]

@@ -34,6 +34,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from sqlalchemy import create_engine, select, update
 
 from labsync import config as config_mod
+from labsync.app import open_app
 from labsync.checks import check_all
 from labsync.config import NotifyConfig, Secret
 from labsync.config.smtp import BUILTIN_TEMPLATES, SmtpConfig, smtp_config_from
@@ -739,13 +740,24 @@ def test_every_smtp_problem_is_reported_with_its_key(tmp_path: Path) -> None:
     assert any("cannot read" in p for p in problems if p.startswith("smtp.password_file"))
 
 
-def test_smtp_section_problems_include_template_problems(tmp_path: Path) -> None:
+def test_a_template_that_does_not_render_stops_labsync_at_start_up_and_fails_check(
+        db: Db, fake_lis: Any, tmp_path: Path) -> None:
     folder = copy_templates(tmp_path)
     (folder / "ready.subject.j2").write_text("{{ ORDER }}\n", encoding="utf-8")
-    _, problems = smtp_config_from({"host": "h", "from": "lab@example.ru",
-                                    "site_url": "https://lab.example.ru",
-                                    "templates": str(folder)}, {})
+    smtp = {"host": "127.0.0.1", "port": 1, "from": "lab@example.ru", "starttls": False,
+            "site_url": "https://lab.example.ru", "templates": str(folder)}
+    # The config layer checks only that the folder exists: rendering is the mail package's.
+    _, problems = smtp_config_from(smtp, {})
+    assert problems == []
+    config = make_config(db, fake_lis, tmp_path / "p", notify={"backend": "smtp"}, smtp=smtp)
+    # Building labsync (every command that syncs) refuses it as a config error.
+    with pytest.raises(ConfigError) as caught, open_app(config):
+        pass
+    problems = caught.value.problems
     assert len(problems) == 1 and "ready.subject.j2:1: 'ORDER' is undefined" in problems[0]
+    # And `labsync check` says the same.
+    assert [f.text for f in check_all(config).findings if f.verdict == "problem"
+            and f.text.startswith("smtp.templates: ")] == problems
 
 
 def test_a_password_is_not_sent_unencrypted_to_another_host(tmp_path: Path) -> None:

@@ -79,6 +79,7 @@ class Key:
     strip: bool = False  # strings: surrounding blanks dropped
     nonempty: bool = False  # strings and secrets: "" is a problem (required implies it)
     url: bool = False
+    zero_ok: bool = False  # durations: "0s" allowed (an off switch, e.g. pdf.wait)
     inline: bool = True  # SECRET: ``name = "…"`` accepted
     file: bool = True  # SECRET: ``name_file = "/path"`` accepted
     absolute: bool = False  # PATH: must be absolute
@@ -235,7 +236,7 @@ def _read_value(key: Key, value: Any, ctx: Context, full: str) -> Any:
             return None  # an optional path left empty ("${DOCROOT}" of an empty variable)
         try:
             if key.kind is Kind.DURATION:
-                value = _duration(value)
+                value = _duration(value, zero_ok=key.zero_ok)
             elif key.kind is Kind.PATH:
                 value = as_path(value, absolute=key.absolute, exists=key.exists)
         except Invalid as exc:
@@ -315,7 +316,9 @@ def _secret_text(value: Any, ctx: Context, full: str) -> str | None:
     return ctx.expand(full, value)
 
 
-def _duration(text: str) -> float:
+def _duration(text: str, *, zero_ok: bool = False) -> float:
+    if zero_ok and text.strip() in ("0", "0s", "0m", "0h", "0d"):
+        return 0.0
     try:
         return parse_duration(text)
     except ValueError as exc:

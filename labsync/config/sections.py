@@ -58,7 +58,7 @@ PDF = Section("pdf", (
     Key("dir", Kind.PATH, required=True, absolute=True),
     Key("max_bytes", Kind.INT, default=50 * 1024 * 1024, above=0),
     Key("required", Kind.BOOL, default=True),
-    Key("wait", Kind.DURATION, default=0.0),
+    Key("wait", Kind.DURATION, default=0.0, zero_ok=True),
 ))
 NOTIFY = Section("notify", (
     Key("backend", default="bitrix", choices=("bitrix", "smtp"),

@@ -1,6 +1,6 @@
 """``notify.backend = "smtp"``: labsync renders the patient's mail and sends it itself.
 
-``SmtpNotifier`` has the interface of ``labsync.notify.BitrixNotifier``: called in the
+``SmtpNotifier`` is a ``labsync.notify.Notifier``, like ``BitrixNotifier``: called in the
 order's transaction, it renders the templates (``templates.py``) and queues the mail in
 ``labsync_outbox`` (``outbox.py``), so the mail commits with the results or not at all.
 The sender job (``sender.py``) then delivers it. See docs/smtp.md.
@@ -18,19 +18,19 @@ from sqlalchemy import Connection
 from labsync.config.smtp import SmtpConfig, smtp_config_from
 from labsync.mail import outbox
 from labsync.mail.templates import MailTemplates, RenderedMail
+from labsync.notify import MailDecision, Notifier, ReadyOrder, Recipients
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from labsync.config import NotifyConfig
-    from labsync.notify import MailDecision, ReadyOrder
 
 __all__ = [
     "MailTemplates", "RenderedMail", "SmtpConfig", "SmtpNotifier", "smtp_config_from",
 ]
 
 
-class SmtpNotifier:
+class SmtpNotifier(Notifier):
     """Queues notifications into labsync's own outbox, rendered from the templates."""
 
     def __init__(self, notify: NotifyConfig, smtp: SmtpConfig, *, zone: tzinfo,
@@ -45,8 +45,6 @@ class SmtpNotifier:
         self.zone = zone
         self.templates = templates or MailTemplates(smtp.templates)
         self.templates.validate()
-        from labsync.notify import Recipients  # not at the top: config imports this package
-
         self.recipients = Recipients()
 
     def new_pass(self) -> None:
@@ -85,8 +83,6 @@ class SmtpNotifier:
 
     def _queue(self, conn: Connection, kind: str, version: int, *, order_id: int,
                external_id: str, user_id: int, now_site: datetime) -> MailDecision:
-        from labsync.notify import MailDecision
-
         user, refused = self.recipients.lookup(conn, user_id)
         if user is None:
             assert refused is not None
