@@ -17,8 +17,10 @@ processes at once; this covers the unclean end.
 
 from __future__ import annotations
 
+import json
 import random
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -199,7 +201,7 @@ def test_an_instance_killed_mid_pass_leaves_its_orders_to_the_other_within_30_s(
             assert _wait_for(lambda: _count(logs[1], '"order.completed"') >= 1, 60)
             a.kill()
             a.wait(timeout=30)
-            killed_at = time.monotonic()
+            killed_at, killed_wall = time.monotonic(), time.time()
             held = site.scalar(  # claims whose owner's named lock is free: A's
                 "SELECT COUNT(*) FROM labsync_orders o JOIN local_lab_orders l "
                 "ON l.ID = o.ORDER_ID WHERE o.LEASE_OWNER IS NOT NULL AND "
@@ -216,7 +218,10 @@ def test_an_instance_killed_mid_pass_leaves_its_orders_to_the_other_within_30_s(
             assert b.wait(timeout=60) == 0
     # B took A's orders over: at the end of its own pass (A died during it), or by its
     # takeover check between passes.
-    assert '"claims.owner_gone"' in logs[1].read_text()
+    gone = [json.loads(line) for line in logs[1].read_text().splitlines()
+            if '"claims.owner_gone"' in line]
+    assert gone
+    noticed_s = datetime.fromisoformat(gone[0]["timestamp"]).timestamp() - killed_wall
     counts = check_invariants(site, tmp_path / "pdfs",
                               expected_results={n: 3 for n in names}, expected_pdfs=pdfs)
     assert counts == {"completed": count, "not_completed": 0}
@@ -225,4 +230,5 @@ def test_an_instance_killed_mid_pass_leaves_its_orders_to_the_other_within_30_s(
     record("Instance killed mid-pass, another running", injected=f"SIGKILL of one of two "
            f"`labsync run`, {count} orders", times=1,
            outcome=f"the other completed all {count} orders {taken_over_s:.1f} s after the kill",
-           orders_claimed_by_the_dead=held, takeover_s=round(taken_over_s, 1))
+           orders_claimed_by_the_dead=held, noticed_s=round(noticed_s, 1),
+           all_done_s=round(taken_over_s, 1))

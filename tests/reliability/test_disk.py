@@ -168,8 +168,8 @@ def test_a_pdf_folder_labsync_may_not_write_leaves_completed_orders_pending(
                                                                "P-1": 0}, expected_pdfs=pdfs)
     assert counts == {"completed": 5, "not_completed": 1}
     record("PDF folder not writable (EACCES)", injected="pdf.dir owned by another user, 0750",
-           times=1, outcome=f"5 completed orders pending, one error each ({error[:60]}…), "
-           "check names pdf.dir; all completed once fixed")
+           times=1, outcome=f"5 completed orders pending ({error[:60]}…), one admin-log "
+           "line for the pass, check names pdf.dir; all completed once fixed")
 
 
 def test_a_read_only_pdf_folder_leaves_completed_orders_pending(site, tmpfs):
@@ -188,7 +188,7 @@ def test_a_read_only_pdf_folder_leaves_completed_orders_pending(site, tmpfs):
         again = run_pass_with(config)
     assert again.completed == 5
     record("PDF folder on a read-only file system", injected="tmpfs remounted ro", times=1,
-           outcome="5 completed orders pending with EROFS, one error each; all completed "
+           outcome="5 completed orders pending with EROFS, one admin-log line; all completed "
            "once remounted rw")
 
 
