@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy import Connection
 
 from labsync import planner
+from labsync.clock import site_time
 from labsync.errors import LabsyncError
 from labsync.model import LisOrder
 from labsync.notify import Notifier, ReadyOrder
@@ -81,7 +82,7 @@ class Executor:
         return planner.fingerprint(lis_order, self.policy)
 
     def site_time(self, now_utc: datetime) -> datetime:
-        return planner.site_time(now_utc, self.policy.zone)
+        return site_time(now_utc, self.policy.zone)
 
     # -- one order -----------------------------------------------------------------------------
 

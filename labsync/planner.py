@@ -21,16 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from labsync.clock import utc_naive
 from labsync.model import LisOrder, OrderStatus
 from labsync.pdfs import StagedPdf
-from labsync.polling import failure_delay, is_stale, poll_delay, recheck_delay
-from labsync.results import results_hash, to_rows
+from labsync.polling import failure_delay, is_stale, order_age, poll_delay, recheck_delay
+from labsync.results import RowChanges, diff_rows, results_hash, to_rows
 from labsync.store.db import TextFitter
-from labsync.store.orders import PENDING, RESULT_COLUMNS, PendingOrder, QuietPoll, result_key
+from labsync.store.orders import PENDING, PendingOrder, QuietPoll
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,19 +79,6 @@ class Answer:
 
     order: LisOrder
     pdf: StagedPdf | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RowChanges:
-    """What the order's ``local_lab_results`` rows need: new rows, changes by ID, IDs to go."""
-
-    insert: tuple[dict[str, Any], ...] = ()
-    update: tuple[tuple[int, dict[str, Any]], ...] = ()
-    delete: tuple[int, ...] = ()
-
-    @property
-    def any(self) -> bool:
-        return bool(self.insert or self.update or self.delete)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +239,8 @@ def _first(local: Local, answer: Answer, now: datetime, policy: Policy) -> Plan:
 def _schedule(local: Local, now: datetime, policy: Policy, result: Plan) -> None:
     """The next poll by the order's age; the order marked stale once when it is too old."""
     state = local.state
-    age = order_age(local.asked, state.FIRST_SEEN_AT if state else None, now, policy.zone)
+    first_seen = state.FIRST_SEEN_AT if state else None
+    age = order_age(local.asked.order_date, first_seen, now, policy.zone)
     result.state["NEXT_POLL_AT"] = now + poll_delay(age, interval=policy.interval,
                                                     stale_after=policy.stale_after)
     if is_stale(age, policy.stale_after) and (state is None or state.STALE_AT is None):
@@ -328,7 +317,7 @@ def quiet(order: PendingOrder, lis: LisOrder, now: datetime, policy: Policy
         return None
     if lis.changed_at is not None or lis.version is not None:
         return None  # its version is remembered, under the lock
-    age = order_age(order, order.first_seen_at, now, policy.zone)
+    age = order_age(order.order_date, order.first_seen_at, now, policy.zone)
     if is_stale(age, policy.stale_after) and order.stale_at is None:
         return None  # marked stale once, with its admin-log line: plan does that
     delay = poll_delay(age, interval=policy.interval, stale_after=policy.stale_after)
@@ -349,7 +338,7 @@ def failure(order: PendingOrder, state: Any, kind: str, message: str, now: datet
             policy: Policy, *, admin_log: bool = True) -> FailurePlan:
     """Count the failure and back off; ``admin_log=False``: the caller reports it itself."""
     failures = (state.FAILURES if state else 0) + 1
-    age = order_age(order, state.FIRST_SEEN_AT if state else None, now, policy.zone)
+    age = order_age(order.order_date, state.FIRST_SEEN_AT if state else None, now, policy.zone)
     delay = max(failure_delay(failures),
                 poll_delay(age, interval=policy.interval, stale_after=policy.stale_after))
     values = {
@@ -392,64 +381,3 @@ def fingerprint(lis: LisOrder, policy: Policy) -> str:
     """The fingerprint of the rows these results would become (to notice corrections)."""
     rows, _ = _rows(lis, None, policy)
     return results_hash(rows)
-
-
-def diff_rows(stored: Sequence[Mapping[str, Any]], wanted: Sequence[Mapping[str, Any]]
-              ) -> RowChanges:
-    """What makes ``stored`` (rows with IDs) equal ``wanted``: new tests inserted, changed
-    ones updated in place, tests the LIS no longer lists (and twins an older agent left)
-    deleted. Rows are matched by code, or by name without one; a repeated test by its
-    position."""
-    existing = _keyed(stored)
-    target = _keyed(wanted)
-    insert = tuple(dict(row) for key, row in target.items() if key not in existing)
-    delete = tuple(int(row["ID"]) for key, row in existing.items() if key not in target)
-    update = []
-    for key, row in target.items():
-        old = existing.get(key)
-        if old is not None:
-            changed = {c: row[c] for c in RESULT_COLUMNS if old[c] != row[c]}
-            if changed:
-                update.append((int(old["ID"]), changed))
-    return RowChanges(insert, tuple(update), delete)
-
-
-def _keyed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Rows by key; a key seen again gets ``#2``, ``#3``… so repeated tests stay distinct."""
-    seen: dict[str, int] = {}
-    keyed: dict[str, Mapping[str, Any]] = {}
-    for row in rows:
-        base = result_key(row["TEST_CODE"], row["TEST_NAME"])
-        seen[base] = seen.get(base, 0) + 1
-        keyed[base if seen[base] == 1 else f"{base}#{seen[base]}"] = row
-    return keyed
-
-
-def order_age(order: PendingOrder, first_seen: datetime | None, now: datetime, zone: ZoneInfo
-              ) -> timedelta:
-    """How long the order has been waiting, for the polling schedule.
-
-    Counted from when labsync first saw it (within one pass of its arrival): ``ORDER_DATE``
-    is only a date, and counting from its midnight would make a morning's orders look hours
-    old on their first poll. An order dated more than a day before labsync first saw it (a
-    backlog labsync found when it was installed) counts from its date instead.
-    """
-    start = first_seen or now
-    if order.order_date is not None:
-        midnight = datetime.combine(order.order_date, time(), zone)
-        ordered = midnight.astimezone(UTC).replace(tzinfo=None)
-        if ordered < start - timedelta(days=1):
-            start = ordered
-    return max(now - start, timedelta(0))
-
-
-def site_time(now_utc: datetime, zone: ZoneInfo) -> datetime:
-    """UTC (naive) → the site's naive local time, as its DATETIME columns hold it."""
-    return now_utc.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
-
-
-def utc_naive(moment: datetime) -> datetime:
-    """An aware time as naive UTC (a naive one is taken as UTC already)."""
-    if moment.tzinfo is None:
-        return moment
-    return moment.astimezone(UTC).replace(tzinfo=None)

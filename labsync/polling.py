@@ -10,7 +10,8 @@ changed. The schedule below asks often while an answer is likely, then less and 
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 # (age below, delay before the next poll). The interval of the pass is the floor: a
 # fresh order is asked on every pass.
@@ -74,3 +75,21 @@ RECHECK_MAX = timedelta(hours=24)
 
 def is_stale(age: timedelta, stale_after: timedelta) -> bool:
     return age >= stale_after
+
+
+def order_age(order_date: date | None, first_seen: datetime | None, now: datetime,
+              zone: ZoneInfo) -> timedelta:
+    """How long the order has been waiting, for the polling schedule.
+
+    Counted from when labsync first saw it (within one pass of its arrival): ``ORDER_DATE``
+    is only a date, and counting from its midnight would make a morning's orders look hours
+    old on their first poll. An order dated more than a day before labsync first saw it (a
+    backlog labsync found when it was installed) counts from its date instead.
+    """
+    start = first_seen or now
+    if order_date is not None:
+        midnight = datetime.combine(order_date, time(), zone)
+        ordered = midnight.astimezone(UTC).replace(tzinfo=None)
+        if ordered < start - timedelta(days=1):
+            start = ordered
+    return max(now - start, timedelta(0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from labsync.model import TestResult
 from labsync.store.db import TextFitter
+from labsync.store.orders import RESULT_COLUMNS, result_key
 
 _TEXT_FIELDS = (
     ("TEST_CODE", "code"), ("TEST_NAME", "name"), ("RESULT_VALUE", "value"),
@@ -73,3 +74,47 @@ def results_hash(rows: Sequence[dict[str, Any]]) -> str:
         for row in rows
     ]
     return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RowChanges:
+    """What the order's ``local_lab_results`` rows need: new rows, changes by ID, IDs to go."""
+
+    insert: tuple[dict[str, Any], ...] = ()
+    update: tuple[tuple[int, dict[str, Any]], ...] = ()
+    delete: tuple[int, ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return bool(self.insert or self.update or self.delete)
+
+
+def diff_rows(stored: Sequence[Mapping[str, Any]], wanted: Sequence[Mapping[str, Any]]
+              ) -> RowChanges:
+    """What makes ``stored`` (rows with IDs) equal ``wanted``: new tests inserted, changed
+    ones updated in place, tests the LIS no longer lists (and twins an older agent left)
+    deleted. Rows are matched by code, or by name without one; a repeated test by its
+    position."""
+    existing = _keyed(stored)
+    target = _keyed(wanted)
+    insert = tuple(dict(row) for key, row in target.items() if key not in existing)
+    delete = tuple(int(row["ID"]) for key, row in existing.items() if key not in target)
+    update = []
+    for key, row in target.items():
+        old = existing.get(key)
+        if old is not None:
+            changed = {c: row[c] for c in RESULT_COLUMNS if old[c] != row[c]}
+            if changed:
+                update.append((int(old["ID"]), changed))
+    return RowChanges(insert, tuple(update), delete)
+
+
+def _keyed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Rows by key; a key seen again gets ``#2``, ``#3``… so repeated tests stay distinct."""
+    seen: dict[str, int] = {}
+    keyed: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        base = result_key(row["TEST_CODE"], row["TEST_NAME"])
+        seen[base] = seen.get(base, 0) + 1
+        keyed[base if seen[base] == 1 else f"{base}#{seen[base]}"] = row
+    return keyed

@@ -212,7 +212,7 @@ def stored_results(conn: Connection, order_id: int) -> list[dict[str, Any]]:
 def change_results(conn: Connection, order_id: int, insert_rows: Sequence[Mapping[str, Any]],
                    updates: Sequence[tuple[int, Mapping[str, Any]]],
                    delete_ids: Sequence[int]) -> None:
-    """Carry out a planned change of the order's rows (``planner.diff_rows``): updates in
+    """Carry out a planned change of the order's rows (``results.diff_rows``): updates in
     place by ID, deletions, and the new rows as one multi-row INSERT."""
     for row_id, changed in updates:
         conn.execute(_UPDATE_RESULT, {"b_id": row_id, **changed})
