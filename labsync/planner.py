@@ -353,11 +353,19 @@ def failure(order: PendingOrder, state: Any, kind: str, message: str, now: datet
 
 
 def about(external_id: str, message: str) -> str:
-    """``Order X: message``, without naming the order twice when the message already does."""
+    """The admin-log text of an order's problem: naming the order once.
+
+    ``Order X: message``, unless the message names the order itself (``results of order
+    X: HTTP 503``), which then only gets a capital letter.
+    """
     for lead in (f"order {external_id}: ", f"order {external_id!r}: "):
         if message.lower().startswith(lead.lower()):
             message = message[len(lead):]
             break
+    else:
+        if f"order {external_id}".lower() in message.lower() or \
+                f"order {external_id!r}".lower() in message.lower():
+            return message[:1].upper() + message[1:]
     return f"Order {external_id}: {message}"
 
 

@@ -250,3 +250,10 @@ def test_a_failure_backs_off_and_tells_the_admin_log_once_per_new_problem():
     again = planner.failure(_order(), state, "transient", "order P-1: HTTP 503", NOW, policy)
     assert again.admin_log is None and again.state["FAILURES"] == 2
     assert again.state["NEXT_POLL_AT"] > first.state["NEXT_POLL_AT"] - timedelta(seconds=1)
+
+
+def test_the_admin_log_names_the_order_once():
+    assert planner.about("QL-1", "order QL-1: HTTP 503") == "Order QL-1: HTTP 503"
+    assert (planner.about("QL-1", "results of order QL-1: HTTP 503")
+            == "Results of order QL-1: HTTP 503")
+    assert planner.about("QL-1", "the LIS said no") == "Order QL-1: the LIS said no"
