@@ -127,6 +127,8 @@ def _sync_once(config: Config, *, due_only: bool) -> int:
     with open_app(config) as app:
         if config.discovery.enabled:
             app.discovery.run()  # first, so an order found by phone is synced right away
+        app.sync.pushed.drain_inbox()  # what the LIS pushed, then what it lists as changed
+        app.sync.pushed.follow_feed()
         summary = app.sync.run_pass(due_only=due_only)
         app.metrics.pass_finished(summary)
         if app.mail is not None:

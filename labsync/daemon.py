@@ -3,6 +3,8 @@
 APScheduler 3 (BlockingScheduler, in-memory job store, jobs added at start-up) runs:
 
 - ``sync``: a pass every ``sync.interval``, the first one at start;
+- ``inbox`` / ``feed`` (adapters that push or list changes): every 2 s / 30 s, what the
+  LIS delivered or changed (``labsync.sources``);
 - ``takeover`` (MySQL/MariaDB): every 10 s, between passes, whether another instance died
   holding claims (``labsync.store.liveness``); if one did, the sync pass starts now and
   finishes its orders, instead of waiting for the next interval;
@@ -53,6 +55,8 @@ log = structlog.get_logger("labsync.daemon")
 
 HOUSEKEEPING_EVERY = timedelta(hours=1)
 TAKEOVER_EVERY = timedelta(seconds=10)
+INBOX_EVERY = timedelta(seconds=2)  # an inbox is on local disk: draining an empty one is cheap
+FEED_EVERY = timedelta(seconds=30)  # a change feed costs the LIS one request a read
 MAIL_EVERY = timedelta(minutes=1)
 KEEP_PASSES = timedelta(days=90)
 FORCED_EXIT = 130
@@ -75,7 +79,7 @@ class Daemon:
         self.interval = app.config.sync.interval
         self.scheduler = scheduler_class(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(6)},  # one per job: none waits for another
+            executors={"default": ThreadPoolExecutor(8)},  # one per job: none waits for another
             job_defaults=job_defaults(self.interval),
         )
         self._active = 0
@@ -89,6 +93,17 @@ class Daemon:
         now = now or datetime.now(UTC)
         self.scheduler.add_job(self._job("sync", self.sync_job), IntervalTrigger(
             seconds=self.interval, timezone=UTC), id="sync", name="sync", next_run_time=now)
+        pushed = self.app.sync.pushed
+        if pushed.has_inbox:
+            self.scheduler.add_job(self._job("inbox", lambda: pushed.drain_inbox(self.stop)),
+                                   IntervalTrigger(seconds=INBOX_EVERY.total_seconds(),
+                                                   timezone=UTC),
+                                   id="inbox", name="inbox", next_run_time=now)
+        if pushed.has_feed:
+            self.scheduler.add_job(self._job("feed", lambda: pushed.follow_feed(self.stop)),
+                                   IntervalTrigger(seconds=FEED_EVERY.total_seconds(),
+                                                   timezone=UTC),
+                                   id="feed", name="feed", next_run_time=now)
         if self.app.sync.liveness.enabled:
             self.scheduler.add_job(self._job("takeover", self.takeover_job), IntervalTrigger(
                 seconds=TAKEOVER_EVERY.total_seconds(), timezone=UTC), id="takeover",

@@ -64,11 +64,7 @@ class Observer:
                 # Checked before asking the LIS: such an id must never become a path.
                 self.pdfs.final_path(order.user_id, order.external_id)
             obs.lis_order = self.lis.fetch_order(order.external_id)
-            if obs.lis_order.status is OrderStatus.COMPLETED and (
-                    not order.recheck or order.pdf_missing
-                    or self.fingerprint(obs.lis_order) != order.results_hash):
-                # A correction usually comes with a new form: fetch it with the results.
-                obs.pdf = self._stage_pdf(order, obs.lis_order.pdf)
+            obs.pdf = self._form(order, obs.lis_order)
             self.breaker.answered()
         except Interrupted:
             obs.skipped = True
@@ -89,6 +85,32 @@ class Observer:
             log.exception("order.internal_error")
             obs.error = LabsyncError(f"internal error: {type(exc).__name__}")
         return obs
+
+    def given(self, order: PendingOrder, lis_order: LisOrder) -> Observation:
+        """An answer the LIS pushed or listed (an inbox delivery, a change feed's page):
+        its PDF staged as for an answer asked for, its failure the observation's error."""
+        obs = Observation(order, lis_order)
+        try:
+            if not is_safe_name(order.external_id):
+                self.pdfs.final_path(order.user_id, order.external_id)
+            obs.pdf = self._form(order, lis_order)
+        except Interrupted:
+            obs.skipped = True
+        except LabsyncError as exc:
+            obs.error = exc
+        except Exception as exc:  # a bug must not end the run for every order
+            log.exception("order.internal_error")
+            obs.error = LabsyncError(f"internal error: {type(exc).__name__}")
+        return obs
+
+    def _form(self, order: PendingOrder, lis_order: LisOrder) -> StagedPdf | None:
+        """The PDF to stage with this answer, if any: a completion's, or a correction's."""
+        if lis_order.status is OrderStatus.COMPLETED and (
+                not order.recheck or order.pdf_missing
+                or self.fingerprint(lis_order) != order.results_hash):
+            # A correction usually comes with a new form: fetch it with the results.
+            return self._stage_pdf(order, lis_order.pdf)
+        return None
 
     def _stage_pdf(self, order: PendingOrder, ref: PdfRef | None) -> StagedPdf | None:
         """The order's PDF, staged and checked; None for "no PDF yet" where the order may

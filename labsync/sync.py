@@ -59,6 +59,7 @@ from labsync.notify import Notifier
 from labsync.observe import Observation, Observer
 from labsync.passes import PassProblems, PassSummary
 from labsync.pdfs import PdfStore
+from labsync.sources import PushedAnswers
 from labsync.store import claims, liveness, orders
 from labsync.store.db import describe_db_error
 from labsync.store.tx import held_connection, run_tx
@@ -130,6 +131,9 @@ class SyncEngine:
                                  pdf_required=policy.pdf_required)
         self.problems = PassProblems(engine, policy.fitter, site_id=site_id, pdf_dir=pdfs.root,
                                      site_time=lambda: self.applier.site_time(self.now()))
+        # What the LIS lists (a change feed) or pushes (an inbox), for adapters that can.
+        self.pushed = PushedAnswers(engine, lis, self.observer, self.applier,
+                                    recheck_days=settings.recheck_days, now=lambda: self.now())
 
     # -- the pass ---------------------------------------------------------------------------
 

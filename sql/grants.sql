@@ -50,3 +50,4 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_review TO 'labsync'@'127.
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_discovery TO 'labsync'@'127.0.0.1';
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_versions TO 'labsync'@'127.0.0.1';
 GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_cursors TO 'labsync'@'127.0.0.1';
+GRANT SELECT, INSERT, UPDATE, DELETE ON bitrix.labsync_deliveries TO 'labsync'@'127.0.0.1';

@@ -28,7 +28,7 @@ DB_PASSWORD = "s3cr3t-db-pw-77aa"
 UNREACHABLE_DB = f"mysql+pymysql://labsync:{DB_PASSWORD}@127.0.0.1:1/bitrix"
 OWN_AND_SITE = {"local_lab_orders", "local_lab_results", "labsync_orders", "labsync_passes",
                 "labsync_outbox", "labsync_review", "labsync_discovery", "labsync_versions",
-                "labsync_cursors"}
+                "labsync_cursors", "labsync_deliveries"}
 
 
 @pytest.fixture(autouse=True)

@@ -43,6 +43,7 @@ class _Pass:
     """A stand-in for SyncEngine.run_pass: counts calls, can block or fail on demand."""
 
     liveness = SimpleNamespace(enabled=False)  # SQLite-like: no takeover job
+    pushed = SimpleNamespace(has_inbox=False, has_feed=False)  # QLAB-like: asked order by order
 
     def __init__(self) -> None:
         self.calls = 0

@@ -24,9 +24,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql, sqlite
 
+from labsync.model import PENDING_STATUSES
 from labsync.store.tables import labsync_orders, labsync_passes, local_lab_orders, local_lab_results
 
-PENDING = ("received", "processing")
+PENDING = tuple(status.value for status in PENDING_STATUSES)  # as local_lab_orders.STATUS has them
 RESULT_COLUMNS = (
     "TEST_CODE", "TEST_NAME", "RESULT_VALUE", "RESULT_UNIT", "REFERENCE_MIN",
     "REFERENCE_MAX", "IS_ABNORMAL", "RESULT_DATE", "PDF_PATH",
@@ -87,15 +88,51 @@ def pending_page(
         wanted = or_(wanted, and_(o.c.STATUS == "completed", s.c.COMPLETED_AT >= recheck_since,
                                   s.c.NEXT_POLL_AT.is_not(None), recheck_due))
     query = (
-        select(o.c.ID, o.c.EXTERNAL_ORDER_ID, o.c.USER_ID, o.c.STATUS, o.c.ORDER_DATE,
-               s.c.RESULTS_HASH, s.c.FIRST_SEEN_AT, s.c.STALE_AT, s.c.RESULTS_COUNT,
-               s.c.PDF_PATH)
-        .select_from(o.outerjoin(s, s.c.ORDER_ID == o.c.ID))
+        _PENDING_SELECT
         .where(o.c.ID > after_id, wanted, free(now_utc, dead),
                s.c.LEASE_OWNER.in_(sorted(held_by)) if held_by else true())
         .order_by(o.c.ID)
         .limit(limit)
     )
+    return _pending(conn, query)
+
+
+def pending_by_external_ids(conn: Connection, external_ids: Collection[str], *,
+                            recheck_since: datetime | None) -> list[PendingOrder]:
+    """The local orders a change feed's page or an inbox delivery may update, in one
+    indexed lookup: pending ones with these ids, and completed ones completed since
+    ``recheck_since`` (a correction). An id the site does not have is simply absent."""
+    if not external_ids:
+        return []
+    o, s = local_lab_orders, labsync_orders
+    wanted = or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None))
+    if recheck_since is not None:
+        wanted = or_(wanted, and_(o.c.STATUS == "completed",
+                                  s.c.COMPLETED_AT >= recheck_since))
+    return _pending(conn, _PENDING_SELECT.where(
+        o.c.EXTERNAL_ORDER_ID.in_(sorted(set(external_ids))), wanted).order_by(o.c.ID))
+
+
+def known_external_ids(conn: Connection, external_ids: Collection[str]) -> set[str]:
+    """Which of these ids the site has an order for, whatever its status."""
+    if not external_ids:
+        return set()
+    o = local_lab_orders
+    return set(conn.execute(select(o.c.EXTERNAL_ORDER_ID).where(
+        o.c.EXTERNAL_ORDER_ID.in_(sorted(set(external_ids))))).scalars())
+
+
+_PENDING_SELECT = (
+    select(local_lab_orders.c.ID, local_lab_orders.c.EXTERNAL_ORDER_ID,
+           local_lab_orders.c.USER_ID, local_lab_orders.c.STATUS, local_lab_orders.c.ORDER_DATE,
+           labsync_orders.c.RESULTS_HASH, labsync_orders.c.FIRST_SEEN_AT,
+           labsync_orders.c.STALE_AT, labsync_orders.c.RESULTS_COUNT, labsync_orders.c.PDF_PATH)
+    .select_from(local_lab_orders.outerjoin(
+        labsync_orders, labsync_orders.c.ORDER_ID == local_lab_orders.c.ID))
+)
+
+
+def _pending(conn: Connection, query: Select[Any]) -> list[PendingOrder]:
     return [PendingOrder(id=r.ID, external_id=r.EXTERNAL_ORDER_ID, user_id=r.USER_ID,
                          status=r.STATUS, order_date=r.ORDER_DATE,
                          recheck=r.STATUS == "completed", results_hash=r.RESULTS_HASH,

@@ -290,5 +290,17 @@ labsync_cursors = Table(
     **_OWN,
 )
 
+# Inbox deliveries applied: the delivery's id written in the same transaction as its
+# orders, so a delivery handed out again after a crash (before it was marked done) is
+# recognised and not applied twice.
+labsync_deliveries = Table(
+    "labsync_deliveries",
+    metadata,
+    Column("DELIVERY_ID", String(200), primary_key=True),
+    Column("APPLIED_AT", DateTime, nullable=False),
+    Column("ORDERS", Integer, nullable=False, server_default="0"),
+    **_OWN,
+)
+
 OWN_TABLES = (labsync_orders, labsync_passes, labsync_outbox, labsync_review,
-              labsync_discovery, labsync_versions, labsync_cursors)
+              labsync_discovery, labsync_versions, labsync_cursors, labsync_deliveries)

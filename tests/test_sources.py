@@ -1,0 +1,156 @@
+"""Change feeds and inboxes through the whole engine, on the reference adapter
+(``labsync.testing.memory_lis``), on SQLite and MariaDB."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from labsync.app import open_app
+from labsync.model import LisOrder, OrderStatus, PdfRef, TestResult
+from labsync.store.tables import labsync_cursors, labsync_deliveries
+from labsync.testing.memory_lab import MemoryLab
+from labsync.testing.memory_lis import MemoryLis
+from labsync.testing.pdfs import sample_pdf
+from tests.conftest import add_order, add_user, make_config
+from tests.helpers import events, order_row, results
+
+T1 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+T2 = datetime(2026, 11, 30, 11, 0, tzinfo=UTC)
+T3 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def _values(db, external_id):
+    return {r.TEST_CODE: r.RESULT_VALUE for r in results(db, external_id)}
+
+
+def _completed(external_id, value, *, at, version):
+    return LisOrder(external_id, OrderStatus.COMPLETED, (TestResult("GLU", "Glucose", value),),
+                    changed_at=at, version=version,
+                    pdf=PdfRef.inline(sample_pdf(f"{external_id} v{version}")))
+
+
+def _run(config, lis, what):
+    with open_app(config, lis=lis) as app:
+        return getattr(app.sync.pushed, what)()
+
+
+def _cursor(db):
+    with db.engine.connect() as conn:
+        return conn.execute(select(labsync_cursors.c.FEED_CURSOR)).scalar()
+
+
+def test_the_feed_completes_the_sites_orders_and_its_cursor_moves_with_them(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "F-1", 7)
+    add_order(db, "F-2", 7)
+    lab = MemoryLab()
+    for name in ("F-1", "F-2", "NOT-HERE"):
+        lab.add_order(name, results=[TestResult("GLU", "Glucose", "5.40")], changed_at=T1,
+                      version="1", pdf=sample_pdf(name))
+    config = make_config(db, fake_lis, tmp_path / "pdfs", sync={"recheck_days": 7})
+    lis = MemoryLis(lab, sleep=lambda _s: None, page_size=2)
+
+    first = _run(config, lis, "follow_feed")
+
+    assert (first.pages, first.orders, first.applied, first.failed) == (2, 3, 2, 0)
+    assert order_row(db, "F-1").STATUS == "completed" == order_row(db, "F-2").STATUS
+    assert (tmp_path / "pdfs" / "7" / "F-1.pdf").read_bytes() == sample_pdf("F-1")
+    assert len(events(db)) == 2 and _cursor(db) == "mem:3"
+
+    quiet = _run(config, lis, "follow_feed")  # nothing new: one read, nothing written
+
+    assert (quiet.pages, quiet.orders, quiet.applied) == (1, 0, 0)
+    assert len(events(db)) == 2
+
+    lab.update_order("F-2", results=[TestResult("GLU", "Glucose", "5.90")], changed_at=T2,
+                     version="2")
+    corrected = _run(config, lis, "follow_feed")
+
+    assert corrected.applied == 1 and _values(db, "F-2") == {"GLU": "5.90"}
+    assert len(events(db)) == 3  # one "updated" mail
+    assert _cursor(db) == "mem:4"
+
+
+def test_an_inbox_delivery_is_applied_once_even_when_handed_out_again_after_a_crash(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "H-1", 7)
+    lab = MemoryLab()
+    lab.deliver("MSG-1", [_completed("H-1", "5.40", at=T1, version="1")])
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+
+    class CrashBeforeDone(MemoryLis):
+        def done(self, delivery):  # the process dies after the commit, before this
+            raise KeyboardInterrupt
+
+    try:
+        _run(config, CrashBeforeDone(lab), "drain_inbox")
+    except KeyboardInterrupt:
+        pass
+    assert order_row(db, "H-1").STATUS == "completed" and len(events(db)) == 1
+    assert lab.inbox_state("MSG-1") == "waiting"
+
+    again = _run(config, MemoryLis(lab), "drain_inbox")  # the restarted process
+
+    assert (again.duplicates, again.applied) == (1, 0)
+    assert lab.inbox_state("MSG-1") == "done"
+    assert len(events(db)) == 1 and len(results(db, "H-1")) == 1
+    with db.engine.connect() as conn:
+        assert conn.execute(select(labsync_deliveries.c.DELIVERY_ID)).scalars().all() == [
+            "MSG-1"]
+
+
+def test_an_older_message_arriving_late_never_overwrites_a_newer_result(db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "H-2", 7)
+    lab = MemoryLab()
+    lab.deliver("MSG-NEW", [_completed("H-2", "5.80", at=T3, version="3")])
+    lab.deliver("MSG-OLD", [_completed("H-2", "5.40", at=T1, version="1")])
+    config = make_config(db, fake_lis, tmp_path / "pdfs", sync={"recheck_days": 7})
+
+    summary = _run(config, MemoryLis(lab), "drain_inbox")
+
+    assert summary.pages == 2
+    assert _values(db, "H-2") == {"GLU": "5.80"}
+    assert (tmp_path / "pdfs" / "7" / "H-2.pdf").read_bytes() == sample_pdf("H-2 v3")
+    assert len(events(db)) == 1
+    assert lab.inbox_state("MSG-OLD") == "done"
+
+
+def test_a_delivery_for_an_order_the_site_does_not_have_yet_waits_and_is_applied_later(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    lab = MemoryLab()
+    lab.deliver("MSG-EARLY", [_completed("H-3", "6.10", at=T1, version="1")])
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+    lis = MemoryLis(lab)
+
+    held = _run(config, lis, "drain_inbox")
+
+    assert (held.held, held.applied) == (1, 0)
+    assert lab.inbox_state("MSG-EARLY") == "waiting"
+
+    add_order(db, "H-3", 7)  # the site's order arrives
+    later = _run(config, lis, "drain_inbox")
+
+    assert later.applied == 1 and order_row(db, "H-3").STATUS == "completed"
+    assert lab.inbox_state("MSG-EARLY") == "done"
+
+
+def test_an_unreadable_delivery_is_failed_with_its_reason_and_the_rest_go_on(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "H-4", 7)
+    lab = MemoryLab()
+    lab.deliver("MSG-BAD", [], problem="not an ORU^R01 message")
+    lab.deliver("MSG-OK", [_completed("H-4", "4.2", at=T1, version="1")])
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+
+    summary = _run(config, MemoryLis(lab), "drain_inbox")
+
+    assert (summary.failed, summary.applied) == (1, 1)
+    assert lab.inbox_state("MSG-BAD") == "failed: not an ORU^R01 message"
+    assert order_row(db, "H-4").STATUS == "completed"
