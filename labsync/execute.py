@@ -25,7 +25,7 @@ from labsync.model import LisOrder
 from labsync.notify import Notifier, ReadyOrder
 from labsync.pdfs import PdfStore, StagedPdf
 from labsync.planner import Answer, Local, Plan, Policy, Seen
-from labsync.store import bitrix, orders, versions
+from labsync.store import bitrix, bookkeeping, orders, versions
 from labsync.store.db import TextFitter
 
 log = structlog.get_logger("labsync.sync")
@@ -75,7 +75,7 @@ class Executor:
     # -- decisions without a lock --------------------------------------------------------------
 
     def quiet(self, order: orders.PendingOrder, lis_order: LisOrder, now: datetime
-              ) -> orders.QuietPoll | None:
+              ) -> bookkeeping.QuietPoll | None:
         return planner.quiet(order, lis_order, now, self.policy)
 
     def fingerprint(self, lis_order: LisOrder) -> str:
@@ -131,7 +131,7 @@ class Executor:
         for message in result.admin_log:
             bitrix.add_event_log(conn, self.fitter, item_id=order.external_id,
                                  description=message, now_site=now_site, site_id=self.site_id)
-        orders.save_state(conn, order, now, result.state, exists=local.state is not None)
+        bookkeeping.save_state(conn, order, now, result.state, exists=local.state is not None)
         if result.seen is not None:
             versions.save(conn, order.id, exists=local.seen is not None,
                           changed_at=result.seen.changed_at, version=result.seen.version,
@@ -213,7 +213,7 @@ class Executor:
         orders.insert_results(conn, [{**row, "ORDER_ID": d.order.id}
                                      for d in done for row in d.plan.rows.insert])
         orders.mark_completed(conn, [d.order.id for d in done], now_site)
-        orders.save_states(conn, [(d.order, d.plan.state) for d in done], now)
+        bookkeeping.save_states(conn, [(d.order, d.plan.state) for d in done], now)
         for d in done:
             self._lines(d.plan.lines, d.applied, d.order, log_now=False)
         return outcomes
@@ -241,10 +241,10 @@ class Executor:
         ``admin_log=False``: the caller reports the problem itself, once for many orders.
         """
         kind = getattr(error, "kind", type(error).__name__)
-        state = orders.get_state(conn, order.id)
+        state = bookkeeping.get_state(conn, order.id)
         result = planner.failure(order, state, kind, str(error)[:1000], now, self.policy,
                                  admin_log=admin_log)
-        orders.save_state(conn, order, now, result.state, exists=state is not None)
+        bookkeeping.save_state(conn, order, now, result.state, exists=state is not None)
         if result.admin_log is not None:
             bitrix.add_event_log(conn, self.fitter, item_id=order.external_id,
                                  description=result.admin_log, now_site=self.site_time(now),

@@ -30,8 +30,9 @@ from labsync.model import LisOrder, OrderStatus
 from labsync.pdfs import StagedPdf
 from labsync.polling import failure_delay, is_stale, order_age, poll_delay, recheck_delay
 from labsync.results import RowChanges, diff_rows, results_hash, to_rows
+from labsync.store.bookkeeping import QuietPoll
 from labsync.store.db import TextFitter
-from labsync.store.orders import PENDING, PendingOrder, QuietPoll
+from labsync.store.orders import PENDING, PendingOrder
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +308,7 @@ def quiet(order: PendingOrder, lis: LisOrder, now: datetime, policy: Policy
     Most polls find an order still in the lab with nothing reported and nothing of
     labsync's to undo. Such a poll writes at most the order's move to ``processing``, which
     one conditional UPDATE guarded by the claim can do without a lock or a re-read
-    (``orders.save_quiet``). Anything else (results, an order turning stale, a version to
+    (``bookkeeping.save_quiet``). Anything else (results, an order turning stale, a version to
     remember) goes through ``plan``.
     """
     status = lis.status

@@ -12,8 +12,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from labsync.clock import utc_now
 from labsync.config import Config
 from labsync.errors import StoreError
+from labsync.store.bookkeeping import get_state
 from labsync.store.db import describe_db_error, make_engine
-from labsync.store.orders import PENDING, find_order, get_state, result_rows
+from labsync.store.orders import PENDING, find_order, result_rows
 from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
 
 _AGE_BUCKETS = (("under 1 day", 1), ("1-7 days", 7), ("7-30 days", 30), ("over 30 days", None))

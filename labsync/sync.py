@@ -60,7 +60,7 @@ from labsync.observe import Observation, Observer
 from labsync.passes import PassProblems, PassSummary
 from labsync.pdfs import PdfStore
 from labsync.sources import PushedAnswers
-from labsync.store import claims, liveness, orders
+from labsync.store import bookkeeping, claims, liveness, orders
 from labsync.store.db import describe_db_error
 from labsync.store.tx import held_connection, run_tx
 
@@ -155,7 +155,7 @@ class SyncEngine:
         try:
             self.pdfs.new_pass()
             self._sweep()
-            summary.pass_id = run_tx(self.engine, lambda conn: orders.record_pass(conn, {
+            summary.pass_id = run_tx(self.engine, lambda conn: bookkeeping.record_pass(conn, {
                 "STARTED_AT": self.now(), "HOST": socket.gethostname()[:255],
                 "PID": os.getpid()}))
             structlog.contextvars.bind_contextvars(pass_id=summary.pass_id)
@@ -194,7 +194,7 @@ class SyncEngine:
             summary.outcome = "interrupted"
         self.problems.report_disk()
         summary.duration_s = round(time.monotonic() - started, 3)
-        run_tx(self.engine, lambda conn: orders.finish_pass(conn, summary.pass_id or 0, {
+        run_tx(self.engine, lambda conn: bookkeeping.finish_pass(conn, summary.pass_id or 0, {
             "FINISHED_AT": self.now(), "CHECKED": summary.checked,
             "COMPLETED": summary.completed, "CANCELLED": summary.cancelled,
             "PENDING": summary.pending, "FAILED": summary.failed, "EVENTS": summary.events,
@@ -284,7 +284,7 @@ class SyncEngine:
                    stop: threading.Event) -> None:
         """Apply a page's observations on one connection held for the page: first
         completions in batches, quiet polls together at the page's end, the rest one by one."""
-        quiet: list[orders.QuietPoll] = []
+        quiet: list[bookkeeping.QuietPoll] = []
         batch: list[Observation] = []
         with held_connection(self.engine) as conn:
             for future in futures:
@@ -353,14 +353,14 @@ class SyncEngine:
             summary.count(applied)
         self.progress_at = time.monotonic()
 
-    def _save_quiet(self, conn: Connection, polls: list[orders.QuietPoll],
+    def _save_quiet(self, conn: Connection, polls: list[bookkeeping.QuietPoll],
                     summary: PassSummary) -> None:
-        """Record the page's quiet polls in one transaction (see ``OrderApplier.quiet``)."""
+        """Record the page's quiet polls in one transaction (see ``planner.quiet``)."""
         if not polls:
             return
         now = self.now()
         try:
-            written = run_tx(conn, lambda conn: orders.save_quiet(
+            written = run_tx(conn, lambda conn: bookkeeping.save_quiet(
                 conn, polls, owner=self.owner, now_utc=now), retry=True)
         except SQLAlchemyError as exc:
             # Nothing was lost: these orders are asked again on the next pass.

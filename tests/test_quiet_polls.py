@@ -1,5 +1,5 @@
 """Quiet polls: an order still in the lab with nothing reported is recorded in a batch per page,
-guarded by the claim instead of a row lock (``OrderApplier.quiet``, ``orders.save_quiet``)."""
+guarded by the claim instead of a row lock (``OrderApplier.quiet``, ``bookkeeping.save_quiet``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import event, insert
 
-from labsync.store import orders
+from labsync.store import bookkeeping
 from labsync.store.tables import labsync_orders
 from labsync.testing.fake_qlab import Fault
 from tests.conftest import add_order, add_user
@@ -83,13 +83,13 @@ def _claimed(db, external_id, user_id, *, owner):
 
 def _save(db, *polls, owner="me"):
     with db.engine.begin() as conn:
-        return orders.save_quiet(conn, polls, owner=owner, now_utc=START)
+        return bookkeeping.save_quiet(conn, polls, owner=owner, now_utc=START)
 
 
 def test_a_quiet_poll_writes_nothing_once_another_instance_holds_the_order(db):
     order_id = _claimed(db, "Q-1", 7, owner="other")
 
-    written = _save(db, orders.QuietPoll(order_id, "Q-1", 7, "processing",
+    written = _save(db, bookkeeping.QuietPoll(order_id, "Q-1", 7, "processing",
                                          START + timedelta(hours=1), to_processing=True))
 
     assert written == 0
@@ -107,7 +107,7 @@ def test_a_quiet_poll_moves_the_status_only_for_the_same_user_and_a_pending_orde
             f"UPDATE local_lab_orders SET STATUS = 'cancelled' WHERE ID = {cancelled}")
     later = START + timedelta(hours=1)
 
-    written = _save(db, *(orders.QuietPoll(order_id, name, 7, "processing", later,
+    written = _save(db, *(bookkeeping.QuietPoll(order_id, name, 7, "processing", later,
                                            to_processing=True)
                           for order_id, name in ((moved, "Q-1"), (other_user, "Q-2"),
                                                  (cancelled, "Q-3"))))
@@ -133,7 +133,7 @@ def test_quiet_polls_due_in_the_same_minute_share_a_statement_and_keep_their_min
 
     event.listen(db.engine, "before_cursor_execute", count)
     try:
-        written = _save(db, *(orders.QuietPoll(i, f"Q-{n}", 7, "processing", due)
+        written = _save(db, *(bookkeeping.QuietPoll(i, f"Q-{n}", 7, "processing", due)
                               for n, (i, due) in enumerate(zip(ids, dues, strict=True))))
     finally:
         event.remove(db.engine, "before_cursor_execute", count)
@@ -155,7 +155,7 @@ def test_one_statement_moves_each_order_by_its_own_claim_and_identity(db):
             f"UPDATE local_lab_orders SET EXTERNAL_ORDER_ID = 'Q-3b' WHERE ID = {renamed}")
     later = START + timedelta(hours=1)
 
-    _save(db, *(orders.QuietPoll(order_id, name, user, "processing", later, to_processing=True)
+    _save(db, *(bookkeeping.QuietPoll(order_id, name, user, "processing", later, to_processing=True)
                 for order_id, name, user in ((mine, "Q-1", 7), (theirs, "Q-2", 7),
                                              (renamed, "Q-3", 7), (also_mine, "Q-4", 9))))
 
