@@ -48,6 +48,7 @@ from labsync import sdnotify
 from labsync.app import App
 from labsync.errors import Interrupted, StoreError
 from labsync.mail import outbox
+from labsync.store.orders import PENDING
 from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
 from labsync.store.tx import run_tx
 
@@ -258,10 +259,10 @@ def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
 def _order_counts(conn: Any) -> dict[str, Any]:
     o, s = local_lab_orders, labsync_orders
     by_status = dict(conn.execute(select(o.c.STATUS, func.count()).where(
-        o.c.STATUS.in_(("received", "processing"))).group_by(o.c.STATUS)).all())
+        o.c.STATUS.in_(PENDING)).group_by(o.c.STATUS)).all())
     stale = conn.execute(select(func.count()).select_from(s.join(o, o.c.ID == s.c.ORDER_ID))
                          .where(s.c.STALE_AT.is_not(None),
-                                o.c.STATUS.in_(("received", "processing")))).scalar_one()
+                                o.c.STATUS.in_(PENDING))).scalar_one()
     failing = conn.execute(select(func.count()).select_from(s)
                            .where(s.c.FAILURES > 0, s.c.COMPLETED_AT.is_(None))).scalar_one()
     mail = conn.execute(select(func.count()).select_from(b_event)

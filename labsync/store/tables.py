@@ -28,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.mysql import CHAR, DATETIME, LONGTEXT, MEDIUMTEXT, TIMESTAMP
 
+from labsync.model import OrderStatus
+
 metadata = MetaData()
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; MySQL gets the brief's BIGINT.
@@ -37,7 +39,7 @@ _LongText = Text().with_variant(LONGTEXT(), "mysql", "mariadb")
 _MediumText = Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
 _Moment = DateTime().with_variant(DATETIME(fsp=6), "mysql", "mariadb")  # the LIS's, to the µs
 
-ORDER_STATUSES = ("received", "processing", "completed", "cancelled")
+ORDER_STATUSES = tuple(status.value for status in OrderStatus)  # local_lab_orders.STATUS
 
 # -- the site's lab tables (the brief's DDL) ---------------------------------------------
 
