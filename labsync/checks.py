@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from labsync import logs
 from labsync.config import Config
 from labsync.errors import ConfigError, LisAuthError, LisError
-from labsync.lis.registry import make_client
+from labsync.lis.registry import adapter_capabilities, make_client
 from labsync.store.db import describe_db_error, detect_text_fitter, make_engine
 from labsync.store.tables import BITRIX_TABLES, OWN_TABLES, SITE_TABLES
 
@@ -144,6 +144,8 @@ def _check_mail_templates(config: Config, report: CheckReport) -> None:
 
 def _check_lis(config: Config, report: CheckReport) -> None:
     where = config.lis.base_url
+    can = sorted(c.label for c in adapter_capabilities(config.lis.adapter))
+    report.add(OK, f'adapter "{config.lis.adapter}" can: {", ".join(can)}')
     client = make_client(config.lis)
     key, what = config.lis.credential  # lis.api_key, "API key" unless lis.auth says otherwise
     started = time.monotonic()

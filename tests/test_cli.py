@@ -342,6 +342,14 @@ def test_check_all_good_exits_0(cfg_path, capsys):
     assert API_KEY not in out + err
 
 
+def test_check_says_what_the_adapter_can_do(cfg_path, capsys):
+    status, out, _err = main(capsys, "--config", str(cfg_path), "check")
+
+    assert status == 0, out
+    assert ('ok: adapter "qlab" can: PDF source, order lookup, order placement, patient search'
+            in out), out
+
+
 def test_check_wrong_api_key_is_a_problem_naming_lis_api_key(db, fake_lis, tmp_path, capsys):
     wrong = "wrong-key-9f8e7d6c"
     path = write_config(tmp_path / "labsync.toml", db_url=db.url, base_url=fake_lis.base_url,
