@@ -35,7 +35,8 @@ import urllib3
 from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import make_url
 
-from bench.perf import ADMIN_URL, FakeLis, scratch_database
+from bench.measure import FakeLis
+from bench.scratch import ADMIN_URL, scratch_database
 from labsync.config import DatabaseConfig, LisConfig, Secret
 from labsync.lis.http import HttpTransport
 from labsync.lis.qlab import QlabClient

@@ -9,13 +9,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 from sqlalchemy import Engine
 
 from labsync import planner
-from labsync.clock import utc_now
-from labsync.config import Config
+from labsync.clock import interruptible_sleep, utc_now
+from labsync.config import Config, NotifyConfig, SmtpConfig
 from labsync.discovery.job import DiscoveryJob
 from labsync.errors import ConfigError
 from labsync.instance import InstanceLock
@@ -23,7 +23,7 @@ from labsync.lis.base import LisClient
 from labsync.lis.registry import capability_problems, make_client
 from labsync.mail.sender import SmtpSender
 from labsync.metrics import Metrics
-from labsync.notify import make_notifier
+from labsync.notify import BitrixNotifier, Notifier
 from labsync.pdfs import PdfStore
 from labsync.store.db import TextFitter, detect_text_fitter, make_engine, verify_tables
 from labsync.sync import PassSettings, SyncEngine
@@ -58,6 +58,17 @@ def build_sync(config: Config, engine: Engine, lis: LisClient, fitter: TextFitte
                       site_id=config.notify.site_id, now=now, metrics=metrics)
 
 
+def make_notifier(notify: NotifyConfig, smtp: SmtpConfig | None, fitter: TextFitter, *,
+                  zone: tzinfo) -> Notifier:
+    """The configured backend: ``notify.backend`` is ``bitrix`` or ``smtp`` (with ``smtp``,
+    the ``[smtp]`` section)."""
+    if notify.backend == "smtp" and smtp is not None:
+        from labsync.mail import SmtpNotifier  # jinja2 only for the smtp backend
+
+        return SmtpNotifier(notify, smtp, zone=zone)
+    return BitrixNotifier(notify, fitter)
+
+
 def check_wiring(config: Config) -> None:
     """Raise ``ConfigError`` if the configured adapter cannot do what the config asks of it
     (``[discovery]`` without patient search, an adapter that brings no results)."""
@@ -86,8 +97,6 @@ def open_app(config: Config, *, lis: LisClient | None = None,
         if client is None:
             options = {}
             if stop is not None:
-                from labsync.daemon import interruptible_sleep
-
                 options["sleep"] = interruptible_sleep(stop)
             client = make_client(config.lis, **options)
         metrics = Metrics(config.metrics)

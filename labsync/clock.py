@@ -6,8 +6,12 @@ controls time by passing its own.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
+
+from labsync.errors import Interrupted
 
 
 def utc_now() -> datetime:
@@ -25,3 +29,13 @@ def utc_naive(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment
     return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
+    """A ``sleep`` for LIS retry waits that a stopping daemon cuts short (``Interrupted``)."""
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise Interrupted("labsync is stopping")
+
+    return sleep

@@ -46,7 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from labsync import sdnotify
 from labsync.app import App
-from labsync.errors import Interrupted, StoreError
+from labsync.errors import StoreError
 from labsync.mail import outbox
 from labsync.store.orders import PENDING
 from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
@@ -244,16 +244,6 @@ class Daemon:
             os._exit(0)
         log.info("daemon.stopped")
         return 0
-
-
-def interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
-    """A ``sleep`` for LIS retry waits that a stopping daemon cuts short."""
-
-    def sleep(seconds: float) -> None:
-        if stop.wait(seconds):
-            raise Interrupted("labsync is stopping")
-
-    return sleep
 
 
 def _order_counts(conn: Any) -> dict[str, Any]:

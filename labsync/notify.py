@@ -1,7 +1,7 @@
 """The patient's "results are ready" notification, queued in the same transaction as the results.
 
-One interface, ``Notifier``, for every backend, chosen once (``make_notifier``, called by
-the wiring in ``labsync.app``):
+One interface, ``Notifier``, for every backend, chosen once by the wiring
+(``labsync.app.make_notifier``):
 
 - ``bitrix``: one ``b_event`` row, as ``CEvent::Send`` writes it; the site's own mail agent
   sends it with the site's ``LAB_RESULTS_READY`` template (``BitrixNotifier``, here);
@@ -14,8 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
-from typing import Any, cast
+from datetime import datetime
 
 from sqlalchemy import Connection
 
@@ -96,17 +95,6 @@ class Notifier(abc.ABC):
     def order_updated(self, conn: Connection, *, order_id: int, external_id: str,
                       user_id: int, version: int, now_site: datetime) -> MailDecision:
         """The "results were corrected" mail for ``version`` (2, 3, …) of an order's results."""
-
-
-def make_notifier(notify: NotifyConfig, smtp: Any, fitter: TextFitter, *, zone: tzinfo
-                  ) -> Notifier:
-    """The configured backend: ``notify.backend`` is ``bitrix`` or ``smtp`` (with ``smtp``,
-    the ``[smtp]`` section)."""
-    if notify.backend == "smtp" and smtp is not None:
-        from labsync.mail import SmtpNotifier  # jinja2 only for the smtp backend
-
-        return cast(Notifier, SmtpNotifier(notify, smtp, zone=zone))
-    return BitrixNotifier(notify, fitter)
 
 
 class BitrixNotifier(Notifier):

@@ -34,8 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from functools import partial
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -57,10 +56,11 @@ from labsync.lis.base import LisClient
 from labsync.model import OrderStatus
 from labsync.notify import Notifier
 from labsync.observe import Observation, Observer
+from labsync.pages import ClaimedPages
 from labsync.passes import PassProblems, PassSummary
 from labsync.pdfs import PdfStore
 from labsync.sources import PushedAnswers
-from labsync.store import bookkeeping, claims, liveness, orders
+from labsync.store import bookkeeping, orders
 from labsync.store.db import describe_db_error
 from labsync.store.tx import held_connection, run_tx
 
@@ -115,8 +115,10 @@ class SyncEngine:
         self.lis = lis
         self.now = now
         self.metrics = metrics
-        self.owner = claims.new_owner()
-        self.liveness = liveness.OwnerLock(engine, self.owner)
+        self.claims = ClaimedPages(engine, page_size=settings.page_size, lease=settings.lease,
+                                   recheck_days=settings.recheck_days, now=lambda: self.now())
+        self.owner = self.claims.owner
+        self.liveness = self.claims.liveness
         self.pdfs = pdfs
         self.policy = policy
         self.fitter = policy.fitter
@@ -160,7 +162,7 @@ class SyncEngine:
                 "PID": os.getpid()}))
             structlog.contextvars.bind_contextvars(pass_id=summary.pass_id)
             log.info("pass.started")
-            dead = self._dead_owners()
+            dead = self.claims.dead_owners()
             workers = max(1, self.settings.max_concurrency)
             # One page ahead: the workers ask the LIS about the next page while this thread
             # applies the last one, so neither waits for the other at page ends.
@@ -168,8 +170,9 @@ class SyncEngine:
             futures: list[Future[Observation]] = []
             try:
                 with ThreadPoolExecutor(workers, thread_name_prefix="labsync-lis") as pool:
-                    for page in itertools.chain(self._pages(due_only, dead),
+                    for page in itertools.chain(self.claims.pages(due_only, dead),
                                                 self._late_pages(dead, stop)):
+                        self.progress_at = time.monotonic()
                         if stop.is_set() or self.breaker.tripped:
                             break
                         futures = [pool.submit(contextvars.copy_context().run,
@@ -184,7 +187,7 @@ class SyncEngine:
                 raise
         finally:
             self.busy = False
-            self._release_claims()
+            self.claims.release()
         if self.breaker.tripped:
             summary.outcome = self.breaker.reason
             if self.metrics is not None:
@@ -212,22 +215,11 @@ class SyncEngine:
 
     def close(self) -> None:
         """Let this instance's liveness lock go (a clean stop)."""
-        self.liveness.close()
-
-    def _dead_owners(self) -> set[str]:
-        """Owners of live-looking claims who died (their orders are free for this pass)."""
-        self.liveness.ensure()
-        now = self.now()
-        dead = run_tx(self.engine, lambda conn: liveness.dead_owners(
-            conn, liveness.claim_holders(conn, now, besides=self.owner)), retry=True)
-        for owner in sorted(dead):
-            log.info("claims.owner_gone", owner=owner)
-        return dead
+        self.claims.close()
 
     def orphaned(self) -> set[str]:
         """The owners who died holding claims: ``labsync run`` starts a pass when one did."""
-        return run_tx(self.engine, lambda conn: liveness.dead_owners(
-            conn, liveness.claim_holders(conn, self.now(), besides=self.owner)))
+        return self.claims.dead_owners(quiet=True)
 
     def _late_pages(self, dead: set[str], stop: threading.Event
                     ) -> Iterator[list[orders.PendingOrder]]:
@@ -238,41 +230,10 @@ class SyncEngine:
         """
         if stop.is_set() or self.breaker.tripped:
             return
-        late = self._dead_owners() - dead
+        late = self.claims.dead_owners() - dead
         if late:
             self._sweep()  # their temporary files too
-            yield from self._pages(False, dead | late, held_by=late)
-
-    def _pages(self, due_only: bool, dead: set[str], *, held_by: set[str] | None = None
-               ) -> Iterator[list[orders.PendingOrder]]:
-        """Pages of pending orders, each claimed for this instance before it is yielded."""
-        after = 0
-        size = self.settings.page_size
-        lease = timedelta(seconds=self.settings.lease)
-        days = self.settings.recheck_days
-        while True:
-            now = self.now()
-            since = now - timedelta(days=days) if days else None
-            page = run_tx(self.engine, partial(
-                orders.pending_page, after_id=after, limit=size, now_utc=now, due_only=due_only,
-                recheck_since=since, dead=dead, held_by=held_by or ()))
-            if not page:
-                return
-            self.liveness.ensure()  # before the claim that relies on it
-            mine = run_tx(self.engine, partial(claims.claim, page=page, owner=self.owner, now=now,
-                                               until=now + lease, dead=dead), retry=True)
-            self.progress_at = time.monotonic()
-            yield [o for o in page if o.id in mine]
-            after = page[-1].id
-            if len(page) < size:
-                return
-
-    def _release_claims(self) -> None:
-        try:
-            run_tx(self.engine, lambda conn: claims.release_all(conn, self.owner))
-        except (StoreError, SQLAlchemyError) as exc:
-            # The leases run out by themselves; another instance may take the orders then.
-            log.warning("claims.not_released", error=str(exc))
+            yield from self.claims.pages(False, dead | late, held_by=late)
 
     def _discard_unapplied(self, futures: list[Future[Observation]]) -> None:
         for future in futures:

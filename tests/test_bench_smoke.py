@@ -171,7 +171,7 @@ def test_lis_requests_keep_to_max_rps_under_load(db, tmp_path):
 def test_peak_rss_is_the_childs_own_not_the_benchmarks(tmp_path) -> None:
     """Linux carries the parent's RSS into an exec'd child's ru_maxrss; the benchmark, which
     holds the seeded orders, must not report its own size as labsync's."""
-    from bench.perf import run_measured
+    from bench.measure import run_measured
 
     ballast = bytearray(200 * 1024 * 1024)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident

@@ -1,6 +1,6 @@
 """``HttpTransport`` builds its GETs itself: they must go out as ``Session.request`` sent them.
 
-The transport skips ``Session.request``'s merge steps for CPU (labsync.lis.http, ``_request``).
+The transport skips ``Session.request``'s merge steps for CPU (labsync.lis.request, ``prepare``).
 These tests hold it to what ``Session.request`` would have sent, URL and headers byte for
 byte, for ordinary and for unusual base URLs, and check what a hand-built request could
 get wrong over a real socket: cookies the LIS sets, a redirect, a header requests refuses.
@@ -22,8 +22,9 @@ from requests_mock import ANY
 from labsync import __version__
 from labsync.config import LisConfig, Secret
 from labsync.errors import PermanentLisError
-from labsync.lis.http import HttpTransport, _sent_as_written
+from labsync.lis.http import HttpTransport
 from labsync.lis.qlab import QlabClient
+from labsync.lis.request import sent_as_written
 
 KEY = "sk-live-7c1d9e0a4b"
 ORDER = json.dumps({"status": "completed", "results": []})
@@ -103,12 +104,12 @@ def test_get_is_sent_exactly_as_session_request_sent_it(
 
 @pytest.mark.parametrize("base_url", PLAIN_BASES)
 def test_ordinary_base_urls_take_the_short_way(base_url: str) -> None:
-    assert _sent_as_written(base_url)
+    assert sent_as_written(base_url)
 
 
 @pytest.mark.parametrize("base_url", [*UNUSUAL_BASES, "lis.example.test/v2", "https://"])
 def test_unusual_base_urls_keep_requests_preparation(base_url: str) -> None:
-    assert not _sent_as_written(base_url)
+    assert not sent_as_written(base_url)
 
 
 def test_post_still_sends_its_json_body(requests_mock: Any) -> None:

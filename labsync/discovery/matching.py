@@ -17,7 +17,6 @@ from datetime import date
 from labsync.config.discovery import MATCH_MODES
 from labsync.model import Patient
 
-REASONS = ("ambiguous", "mismatch", "no_second_factor")
 BIRTH_DATE, LAST_NAME = "birth date", "last name"
 _MODE_FACTORS = {
     "birth_date": (BIRTH_DATE,),

@@ -26,11 +26,6 @@ PERSONAL_TYPES = frozenset({
 })
 
 
-def is_known_region(region: str) -> bool:
-    """Whether ``phonenumbers`` knows the two-letter region code (``RU``, ``KZ``, …)."""
-    return region in phonenumbers.SUPPORTED_REGIONS
-
-
 def normalise_phone(text: str | None, region: str = DEFAULT_REGION) -> str | None:
     """``text`` as one E.164 number (``+79161234567``), or None if it is not one valid number."""
     if not isinstance(text, str) or not text.strip() or len(text) > _MAX_TEXT:

@@ -35,6 +35,8 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\
 _DELTA_SECONDS = re.compile(r"^\s*(\d+)\s*$")
 
 NotFound = type[PermanentLisError]
+# What a failure of the transport itself raises: ``classify_exception`` says what each means.
+TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -76,7 +78,7 @@ def _body_excerpt(response: requests.Response, redact: Sequence[str]) -> str:
             data += chunk
             if len(data) >= 4096:
                 break
-    except (requests.RequestException, urllib3.exceptions.HTTPError):
+    except TRANSPORT_ERRORS:
         pass  # the status alone is enough to classify; a broken body adds nothing
     return excerpt(data.decode("utf-8", errors="replace"), redact=redact)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
-from labsync.config.smtp import SmtpConfig, smtp_config_from
+from labsync.config.smtp import SmtpConfig
 from labsync.mail import outbox
 from labsync.mail.templates import MailTemplates, RenderedMail
 from labsync.notify import MailDecision, Notifier, ReadyOrder, Recipients
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from labsync.config import NotifyConfig
 
 __all__ = [
-    "MailTemplates", "RenderedMail", "SmtpConfig", "SmtpNotifier", "smtp_config_from",
+    "MailTemplates", "RenderedMail", "SmtpConfig", "SmtpNotifier",
 ]
 
 

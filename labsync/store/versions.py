@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from labsync.store.tables import labsync_versions
 
@@ -29,7 +29,3 @@ def save(conn: Connection, order_id: int, *, exists: bool, changed_at: datetime 
         conn.execute(_UPDATE, {"b_id": order_id, **values})
     else:
         conn.execute(insert(labsync_versions).values(ORDER_ID=order_id, **values))
-
-
-def forget(conn: Connection, order_id: int) -> None:
-    conn.execute(delete(labsync_versions).where(labsync_versions.c.ORDER_ID == order_id))

@@ -1,8 +1,9 @@
 """A fake QLAB LIS: a real HTTP/1.1 server on localhost with scriptable orders and faults.
 
-It speaks the QLAB API as ``CONTRACT.md`` describes it (``/v2`` base, ``X-Api-Key``, JSON)
-and serves from a daemon thread, so clients talk to it through their real HTTP stack:
-connection pools, keep-alive, timeouts, TLS. Tests script it with ``add_order``/``set_*``,
+It speaks the QLAB API as ``CONTRACT.md`` describes it (``/v2`` base, ``X-Api-Key``, JSON;
+the orders and the answers are ``qlab_api.QlabApi``'s) and serves from a daemon thread, so
+clients talk to it through their real HTTP stack: connection pools, keep-alive, timeouts,
+TLS. Tests script it with ``add_order``/``set_*``,
 break it with ``inject(..., Fault(...))`` and read back what clients did through
 ``requests`` (with ``request_times``), ``request_count`` and ``max_in_flight``. Endpoint
 names used throughout:
@@ -11,18 +12,15 @@ matches no route is logged as ``unknown``.
 
 Run ``python -m labsync.testing.fake_qlab --orders 100`` for a standalone server
 (``--help`` lists the options the benchmark in ``bench/perf.py`` uses: PDF size, share of
-completed orders, results per order, counters printed on exit).
+completed orders, results per order, counters printed on exit); the sample orders come
+from ``qlab_samples``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
-import itertools
 import json
-import math
-import re
 import signal
 import ssl
 import sys
@@ -31,20 +29,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
-from fractions import Fraction
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from labsync.testing._faultserver import (
-    Fault,
-    FaultServer,
-    Request,
-    Response,
-    error_response,
-    json_response,
-)
-from labsync.testing.pdfs import sample_pdf
+from labsync.testing._faultserver import Fault, FaultServer, Request, Response
+from labsync.testing.qlab_api import SAMPLE_PDF, QlabApi, route
+from labsync.testing.qlab_samples import sample_results, seed_orders, seed_plan
 
 __all__ = [
     "ENDPOINTS",
@@ -58,21 +47,6 @@ __all__ = [
 ]
 
 ENDPOINTS = frozenset({"results", "pdf", "orders", "create", "*"})
-PATIENT_KEYS = ("phone", "last_name", "first_name", "birth_date")
-SAMPLE_PDF = sample_pdf()
-
-_ORDER_PATH = re.compile(r"/orders/([^/]+)/(results|pdf)")
-_FILTERS = ("patient_phone", "date_from", "status")
-
-
-@dataclass
-class _Order:
-    status: str
-    results: list[dict[str, Any]]
-    pdf: bytes | None
-    patient: dict[str, Any]
-    order_date: str
-    results_body: bytes | None = None
 
 
 @dataclass
@@ -83,11 +57,12 @@ class _Injection:
     remaining: int | None
 
 
-class FakeQlab:
+class FakeQlab(QlabApi):
     """The fake LIS. Thread-safe: tests change orders and faults while clients are calling.
 
+    Orders are scripted with ``QlabApi``'s ``add_order``/``set_*``; ``created`` keeps the
+    JSON bodies of accepted ``POST /orders`` requests.
     ``stop()`` then ``start()`` again serves the same orders on the same port (an outage).
-    ``created`` keeps the JSON bodies of accepted ``POST /orders`` requests.
     ``request_times[i]`` is the ``time.monotonic()`` at which ``requests[i]`` arrived.
     """
 
@@ -100,16 +75,12 @@ class FakeQlab:
         latency: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.api_key = api_key
+        super().__init__(api_key)
         self.latency = latency
         self._server = FaultServer(self, host, port, ssl_context)
-        self._lock = threading.Lock()
-        self._orders: dict[str, _Order] = {}
         self._faults: list[_Injection] = []
-        self._ids = itertools.count(1)
         self.requests: list[tuple[str, str, str | None]] = []
         self.request_times: list[float] = []
-        self.created: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -143,60 +114,6 @@ class FakeQlab:
         scheme = "http" if self._server.ssl_context is None else "https"
         host = self._server.host
         return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{self.port}/v2"
-
-    # -- orders -----------------------------------------------------------------------------
-
-    def add_order(
-        self,
-        external_id: str,
-        *,
-        status: str = "completed",
-        results: list[dict[str, Any]] | None = None,
-        pdf: bytes | None = SAMPLE_PDF,
-        patient: dict[str, Any] | None = None,
-        order_date: str | None = None,
-        results_body: bytes | None = None,
-    ) -> None:
-        """Add (or replace) an order. ``results_body`` is served verbatim by ``/results``.
-
-        ``status`` is not checked, so a test can serve one the contract does not know.
-        """
-        order = _Order(
-            status=status,
-            results=json.loads(json.dumps(results or [])),  # a deep copy the caller can't touch
-            pdf=pdf,
-            patient={**dict.fromkeys(PATIENT_KEYS), **(patient or {})},
-            order_date=order_date or date.today().isoformat(),
-            results_body=results_body,
-        )
-        with self._lock:
-            self._orders[external_id] = order
-
-    def set_status(
-        self, external_id: str, status: str, results: list[dict[str, Any]] | None = None
-    ) -> None:
-        """Change an order's status, and its results when given (KeyError if unknown)."""
-        with self._lock:
-            order = self._orders[external_id]
-            order.status = status
-            if results is not None:
-                order.results, order.results_body = json.loads(json.dumps(results)), None
-
-    def set_results(self, external_id: str, results: list[dict[str, Any]]) -> None:
-        """Replace an order's results (and drop a verbatim ``results_body``)."""
-        with self._lock:
-            order = self._orders[external_id]
-            order.results, order.results_body = json.loads(json.dumps(results)), None
-
-    def set_pdf(self, external_id: str, pdf: bytes | None) -> None:
-        """Set an order's PDF; None makes ``/pdf`` answer 404 (not ready)."""
-        with self._lock:
-            self._orders[external_id].pdf = pdf
-
-    def remove_order(self, external_id: str) -> None:
-        """Forget an order: the LIS answers 404 for it from now on."""
-        with self._lock:
-            del self._orders[external_id]
 
     # -- faults and counters ----------------------------------------------------------------
 
@@ -252,7 +169,7 @@ class FakeQlab:
         self, request: Request, stopping: threading.Event
     ) -> tuple[Response, Fault | None] | None:
         """Answer one request: the ``App`` hook of the server. None when stopping meanwhile."""
-        endpoint, external_id, query = _route(request.method, request.target)
+        endpoint, external_id, query = route(request.method, request.target)
         with self._handling(endpoint, request.method, external_id):
             fault = self._take_fault(endpoint, external_id)
             wait = self.latency + (fault.delay if fault else 0.0)
@@ -286,178 +203,8 @@ class FakeQlab:
                     return injection.fault
         return None
 
-    def _respond(
-        self,
-        endpoint: str,
-        external_id: str | None,
-        query: dict[str, list[str]],
-        body: bytes,
-        api_key: str | None,
-    ) -> Response:
-        """The real answer, before any fault."""
-        if api_key is None or not hmac.compare_digest(api_key.encode(), self.api_key.encode()):
-            return error_response(401, "invalid api key")
-        if endpoint == "create":
-            return self._create(body)
-        with self._lock:
-            if endpoint == "orders":
-                return json_response(200, self._find(query))
-            order = self._orders.get(external_id) if external_id is not None else None
-            if endpoint not in ("results", "pdf"):
-                return error_response(404, "not found")
-            if order is None:
-                return error_response(404, "order not found")
-            if endpoint == "pdf":
-                if order.pdf is None:
-                    return error_response(404, "pdf not ready")
-                return Response(200, order.pdf, "application/pdf")
-            if order.results_body is not None:
-                return Response(200, order.results_body)
-            payload = {"id": external_id, "status": order.status, "results": order.results}
-            return json_response(200, payload)
 
-    def _find(self, query: dict[str, list[str]]) -> list[dict[str, Any]]:
-        """Orders matching the query's phone, date_from and status (each only if given)."""
-        phone, date_from, status = (query.get(k, [None])[0] for k in _FILTERS)
-        return [
-            {"id": oid, "order_date": o.order_date, "status": o.status, "patient": o.patient}
-            for oid, o in self._orders.items()
-            if phone in (None, o.patient.get("phone"))
-            and (date_from is None or o.order_date >= date_from)
-            and status in (None, o.status)
-        ]
-
-    def _create(self, body: bytes) -> Response:
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return error_response(400, "body is not JSON")
-        if not (
-            isinstance(payload, dict)
-            and isinstance(payload.get("patient"), dict)
-            and isinstance(payload.get("tests"), list)
-            and payload["tests"]
-        ):
-            return error_response(400, "patient (object) and tests (non-empty list) are required")
-        with self._lock:
-            external_id = f"QL{next(self._ids):07d}"
-            while external_id in self._orders:
-                external_id = f"QL{next(self._ids):07d}"
-            self.created.append(payload)
-        self.add_order(external_id, status="received", pdf=None, patient=payload["patient"])
-        return json_response(201, {"id": external_id, "status": "received"})
-
-
-def _route(method: str, target: str) -> tuple[str, str | None, dict[str, list[str]]]:
-    """(endpoint, URL-decoded external id, query) of a request line's method and target."""
-    parts = urlsplit(target)
-    query = parse_qs(parts.query)
-    path = parts.path.removeprefix("/v2") if parts.path.startswith("/v2/") else ""
-    if path == "/orders":
-        return {"GET": "orders", "POST": "create"}.get(method, "unknown"), None, query
-    match = _ORDER_PATH.fullmatch(path)
-    if match and method == "GET":
-        return match[2], unquote(match[1]), query
-    return "unknown", None, query
-
-
-# -- sample data and the command line -------------------------------------------------------
-
-_SAMPLE_TESTS: tuple[tuple[str, str, float | str, str | None, float | None, float | None], ...] = (
-    ("HGB", "Гемоглобин", 142, "г/л", 120, 160),
-    ("WBC", "Лейкоциты", 6.4, "10^9/л", 4.0, 9.0),
-    ("RBC", "Эритроциты", 4.7, "10^12/л", 3.8, 5.3),
-    ("PLT", "Тромбоциты", 251, "10^9/л", 150, 400),
-    ("GLU", "Глюкоза", 6.3, "ммоль/л", 3.9, 6.1),
-    ("CHOL", "Холестерин общий", 5.2, "ммоль/л", None, 5.2),
-    ("ALT", "АЛТ", 24, "Ед/л", None, 41),
-    ("CREA", "Креатинин", 88, "мкмоль/л", 62, 106),
-    ("TSH", "ТТГ", 2.1, "мЕд/л", 0.4, 4.0),
-    ("HCV", "Антитела к HCV", "negative", None, None, None),
-)
-
-
-def sample_results(
-    count: int = 10, *, result_date: str = "2024-05-14T10:30:00+03:00"
-) -> list[dict[str, Any]]:
-    """``count`` plausible QLAB results (a blood panel; codes repeat with a suffix past 10)."""
-    results = []
-    for i in range(count):
-        code, name, value, unit, ref_min, ref_max = _SAMPLE_TESTS[i % len(_SAMPLE_TESTS)]
-        abnormal = isinstance(value, float | int) and not (
-            (ref_min is None or value >= ref_min) and (ref_max is None or value <= ref_max)
-        )
-        suffix = f"-{i // len(_SAMPLE_TESTS)}" if i >= len(_SAMPLE_TESTS) else ""
-        results.append(
-            {
-                "code": code + suffix,
-                "name": name,
-                "value": value,
-                "unit": unit,
-                "ref_min": ref_min,
-                "ref_max": ref_max,
-                "abnormal": abnormal,
-                "result_date": result_date,
-            }
-        )
-    return results
-
-
-def seed_plan(
-    count: int, *, prefix: str = "QL-", completed_ratio: float = 0.5
-) -> list[tuple[str, bool]]:
-    """``(external_id, completed)`` of the orders ``seed_orders`` adds, in order.
-
-    Completed orders are spread evenly: order ``i`` is completed when ``ceil((i+1)·r)`` steps
-    past ``ceil(i·r)``, so the first is, and exactly ``ceil(count·r)`` of them are; with the
-    default ½, the even ones.
-    """
-    if not 0 <= completed_ratio <= 1:
-        raise ValueError("completed_ratio must be between 0 and 1")
-    ratio = Fraction(str(completed_ratio))  # exact: no float drift over 100,000 orders
-    return [
-        (f"{prefix}{i + 1:06d}", math.ceil((i + 1) * ratio) > math.ceil(i * ratio))
-        for i in range(count)
-    ]
-
-
-def seed_orders(
-    fake: FakeQlab,
-    count: int,
-    *,
-    prefix: str = "QL-",
-    completed_ratio: float = 0.5,
-    results: int = 10,
-    pdf_size: int | None = None,
-) -> list[str]:
-    """Add ``count`` orders (``seed_plan``): completed ones with ``results`` results and a PDF,
-    the others processing.
-
-    Without ``pdf_size`` each completed order gets its own small PDF naming it. With it, every
-    completed order shares one PDF of exactly ``pdf_size`` bytes, and all share one results
-    list, so 100,000 orders fit in memory (nothing in the fake changes a list in place).
-    """
-    shared_pdf = None if pdf_size is None else sample_pdf("Lab results", size=pdf_size)
-    shared_results = json.loads(json.dumps(sample_results(results)))
-    ids = []
-    for i, (external_id, completed) in enumerate(
-        seed_plan(count, prefix=prefix, completed_ratio=completed_ratio)
-    ):
-        patient = {
-            "phone": f"+7999{i:07d}",
-            "last_name": "Иванова",
-            "first_name": "Анна",
-            "birth_date": "1985-03-21",
-        }
-        if completed:
-            pdf = shared_pdf or sample_pdf(f"Lab results {external_id}")
-            order = _Order("completed", shared_results, pdf, patient, date.today().isoformat())
-        else:
-            order = _Order("processing", [], None, patient, date.today().isoformat())
-        with fake._lock:
-            fake._orders[external_id] = order
-        ids.append(external_id)
-    return ids
+# -- the command line ---------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
