@@ -79,6 +79,13 @@ def _kill_at(moment: str, rng: random.Random, proc, log: Path, pdf_dir: Path,
     return moment
 
 
+def _claims_of(db, pid: int) -> int:
+    """Pending orders claimed by the labsync process ``pid`` (its owner token has the PID)."""
+    return db.scalar("SELECT COUNT(*) FROM labsync_orders o JOIN local_lab_orders l "
+                     "ON l.ID = o.ORDER_ID WHERE o.LEASE_OWNER LIKE :owner "
+                     "AND l.STATUS <> 'completed'", owner=f"%:{pid}:%")
+
+
 def _hold_the_mail_queue(db):
     """A connection whose next-key locks on ``b_event`` make every INSERT into it wait."""
     conn = db.engine.connect().execution_options(isolation_level="REPEATABLE READ")
@@ -196,9 +203,11 @@ def test_an_instance_killed_mid_pass_leaves_its_orders_to_the_other_within_30_s(
                               lis={"max_concurrency": 2}, sync={"page_size": 10})
         a, b = (labsync(config, "run", log=log) for log in logs)
         try:
-            # A is mid-pass: it has completed orders and holds claims on more.
+            # A is mid-pass: it has completed orders and holds claims on more (its owner
+            # token names its PID), and B is working too.
             assert _wait_for(lambda: _count(logs[0], '"order.completed"') >= 15, 60)
             assert _wait_for(lambda: _count(logs[1], '"order.completed"') >= 1, 60)
+            assert _wait_for(lambda: _claims_of(site, a.pid) > 0, 60), "A holds no claims"
             a.kill()
             a.wait(timeout=30)
             killed_at, killed_wall = time.monotonic(), time.time()
