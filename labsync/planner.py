@@ -202,7 +202,7 @@ def _first(local: Local, answer: Answer, now: datetime, policy: Policy) -> Plan:
         if policy.pdf_required or now - wait_since < policy.pdf_wait:
             completing = False  # results stored, shown once the form is here (or waited for)
     pdf_path = str(answer.pdf.final_path) if completing and answer.pdf is not None else None
-    rows, result.notes = _rows(lis, pdf_path, policy)
+    rows, result.notes = rows_of(lis, pdf_path, policy)
     result.rows = diff_rows(local.stored, rows)
     result.state.update(RESULTS_HASH=results_hash(rows), RESULTS_COUNT=len(rows))
     if completing:
@@ -273,7 +273,7 @@ def _recheck(local: Local, answer: Answer, now: datetime, policy: Policy) -> Pla
                             PDF_BYTES=answer.pdf.size)
         if state.PDF_PATH is None:
             result.lines.append(("info", "order.pdf_arrived", {"pdf": pdf_path}))
-    rows, result.notes = _rows(lis, pdf_path, policy)
+    rows, result.notes = rows_of(lis, pdf_path, policy)
     result.rows = diff_rows(local.stored, rows)
     result.seen = _seen(local, lis, pdf_wait_since=None)
     digest = results_hash(rows)
@@ -376,11 +376,6 @@ def about(external_id: str, message: str) -> str:
 def rows_of(lis: LisOrder, pdf_path: str | None, policy: Policy
             ) -> tuple[list[dict[str, Any]], list[str]]:
     """The order's result rows, and a line for each value that had to be fitted."""
-    return _rows(lis, pdf_path, policy)
-
-
-def _rows(lis: LisOrder, pdf_path: str | None, policy: Policy
-          ) -> tuple[list[dict[str, Any]], list[str]]:
     rows, notes = to_rows(lis.results, zone=policy.zone, fitter=policy.fitter,
                           pdf_path=pdf_path)
     return rows, [f"test {n.test}, {n.column}: {n.change}" for n in notes]
@@ -388,5 +383,5 @@ def _rows(lis: LisOrder, pdf_path: str | None, policy: Policy
 
 def fingerprint(lis: LisOrder, policy: Policy) -> str:
     """The fingerprint of the rows these results would become (to notice corrections)."""
-    rows, _ = _rows(lis, None, policy)
+    rows, _ = rows_of(lis, None, policy)
     return results_hash(rows)

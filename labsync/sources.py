@@ -35,7 +35,7 @@ from labsync.lis.base import ChangeFeed, Delivery, Inbox
 from labsync.model import LisOrder
 from labsync.observe import Observation, Observer
 from labsync.store import cursors, deliveries, orders
-from labsync.store.db import describe_db_error
+from labsync.store.db import describe_failure, order_error
 from labsync.store.tx import run_tx
 
 log = structlog.get_logger("labsync.sources")
@@ -177,7 +177,7 @@ class PushedAnswers:
             if isinstance(exc, StoreError):
                 self._discard(observed)
                 raise
-            log.warning("sources.one_by_one", orders=len(good), error=_describe(exc))
+            log.warning("sources.one_by_one", orders=len(good), error=describe_failure(exc))
             outcomes = [self._alone(o) for o in good]
             run_tx(self.engine, finish, retry=True)
         for obs in observed:
@@ -209,8 +209,7 @@ class PushedAnswers:
             except StoreError:
                 raise
             except (LabsyncError, SQLAlchemyError) as exc:
-                obs.error = exc if isinstance(exc, LabsyncError) else StoreError(
-                    describe_db_error(exc))
+                obs.error = order_error(exc)
                 return Applied("skipped")  # recorded as a failure by _apply
 
     def _failure(self, obs: Observation) -> None:
@@ -229,8 +228,3 @@ class PushedAnswers:
         for obs in observed:
             self.observer.pdfs.discard(obs.pdf)  # a no-op once published
 
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SQLAlchemyError):
-        return describe_db_error(exc)
-    return str(exc)[:300]

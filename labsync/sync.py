@@ -61,7 +61,7 @@ from labsync.passes import PassProblems, PassSummary
 from labsync.pdfs import PdfStore
 from labsync.sources import PushedAnswers
 from labsync.store import bookkeeping, orders
-from labsync.store.db import describe_db_error
+from labsync.store.db import describe_db_error, describe_failure, order_error
 from labsync.store.tx import held_connection, run_tx
 
 log = structlog.get_logger("labsync.sync")
@@ -69,15 +69,6 @@ log = structlog.get_logger("labsync.sync")
 # First completions written per transaction (Executor.complete_batch): fewer statements
 # per order, and a bad order costs its batch one failed try before each goes alone.
 COMPLETION_BATCH = 20
-
-
-def _describe(exc: BaseException) -> str:
-    """A secret-free line about what stopped a batch (the orders alone say more)."""
-    if isinstance(exc, SQLAlchemyError):
-        return describe_db_error(exc)
-    if isinstance(exc, LabsyncError):
-        return str(exc)[:300]
-    return type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +290,7 @@ class SyncEngine:
             outcomes = run_tx(conn, lambda conn: self.applier.complete_batch(
                 conn, completions, self.now()))
         except Exception as exc:  # noqa: BLE001 - confined below, order by order
-            log.warning("batch.one_by_one", orders=len(batch), error=_describe(exc))
+            log.warning("batch.one_by_one", orders=len(batch), error=describe_failure(exc))
             for obs in batch:
                 with structlog.contextvars.bound_contextvars(order=obs.order.external_id):
                     summary.count(self._apply(conn, obs))
@@ -356,7 +347,7 @@ class SyncEngine:
             raise
         except (LabsyncError, SQLAlchemyError) as exc:
             self.pdfs.discard(obs.pdf)
-            error = exc if isinstance(exc, LabsyncError) else StoreError(describe_db_error(exc))
+            error = order_error(exc)
             self._record_failure(conn, order, error)
             return Applied("failed")
         except Exception as exc:  # a bug must not end the pass for every order

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, String, bindparam, create_engine, event, inspect,
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from labsync.config import DatabaseConfig
-from labsync.errors import StoreError
+from labsync.errors import LabsyncError, StoreError
 from labsync.store.tables import BITRIX_TABLES, OWN_TABLES, SITE_TABLES, metadata
 
 STRICT_SQL_MODE = (
@@ -60,6 +60,20 @@ def make_engine(config: DatabaseConfig) -> Engine:
         cursor.close()
 
     return engine
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A secret-free line about what stopped a batch of orders (the orders alone say more)."""
+    if isinstance(exc, SQLAlchemyError):
+        return describe_db_error(exc)
+    if isinstance(exc, LabsyncError):
+        return str(exc)[:300]
+    return type(exc).__name__
+
+
+def order_error(exc: LabsyncError | SQLAlchemyError) -> LabsyncError:
+    """The error to record against an order: a database error as a secret-free StoreError."""
+    return exc if isinstance(exc, LabsyncError) else StoreError(describe_db_error(exc))
 
 
 def describe_db_error(exc: SQLAlchemyError) -> str:
