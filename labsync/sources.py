@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from labsync.errors import LabsyncError, LisError, StoreError
 from labsync.execute import Applied, Executor
-from labsync.lis.base import ChangeFeed, Delivery, Inbox
+from labsync.lis.base import Capability, ChangeFeed, Delivery, Inbox, capabilities
 from labsync.model import LisOrder
 from labsync.observe import Observation, Observer
 from labsync.store import cursors, deliveries, orders
@@ -72,11 +72,11 @@ class PushedAnswers:
 
     @property
     def has_feed(self) -> bool:
-        return isinstance(self.lis, ChangeFeed)
+        return Capability.CHANGE_FEED in capabilities(self.lis)
 
     @property
     def has_inbox(self) -> bool:
-        return isinstance(self.lis, Inbox)
+        return Capability.INBOX in capabilities(self.lis)
 
     # -- the change feed ---------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ import abc
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import BinaryIO
 
 from labsync.errors import PermanentLisError, UnknownOrder
@@ -109,8 +109,23 @@ class LisClient(abc.ABC):
         (an inbox checks its folder, a feed reads one page).
         """
 
+    def start(self) -> None:  # noqa: B027 - optional hook, most adapters need nothing
+        """Start the background work this adapter owns (HL7's MLLP listener).
+
+        Only ``labsync run`` calls it, once, before its first job; one-shot commands never do.
+        ``close`` stops what it started: a listener finishes the message in hand (stored and
+        acknowledged) before ``close`` returns.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook, most adapters need nothing
-        """Release connections. The client is not used afterwards."""
+        """Release connections (and stop what ``start`` started). The client is not used
+        afterwards."""
+
+    def disabled_capabilities(self) -> frozenset[Capability]:
+        """Capabilities the class declares but this configured adapter has switched off
+        (FHIR with ``feed = false`` is order by order only); ``capabilities(adapter)`` leaves
+        them out. Default: none."""
+        return frozenset()
 
     # -- transitional: the engine of today calls these on any LisClient ----------------------
 
@@ -175,7 +190,18 @@ class FeedPage:
 
 
 class ChangeFeed(LisClient):
-    """The LIS says what changed since an opaque cursor (FHIR ``_lastUpdated``)."""
+    """The LIS says what changed since an opaque cursor (FHIR ``_lastUpdated``).
+
+    Two settings of the adapter's tell the engine how to use the feed (override them, as
+    class or instance attributes, from the adapter's own section):
+
+    - ``feed_interval``: how often ``labsync run`` reads the feed.
+    - ``verify_every``: with a feed, each pending order is still asked once by id when
+      labsync first sees it, then only this often (None: at the usual polling rhythm).
+    """
+
+    feed_interval: timedelta = timedelta(seconds=30)
+    verify_every: timedelta | None = None
 
     @abc.abstractmethod
     def changes(self, cursor: str | None, *, since: datetime | None = None) -> FeedPage:
@@ -309,6 +335,11 @@ INTERFACES: dict[Capability, type] = {  # type[LisClient] refuses abstract class
 
 
 def capabilities(adapter: LisClient | type[LisClient]) -> frozenset[Capability]:
-    """What ``adapter`` (an adapter or its class: nothing is built) declares it can do."""
+    """What ``adapter`` can do: for a class (nothing is built), what it declares; for a
+    built adapter, that less what its configuration switched off."""
     cls = adapter if isinstance(adapter, type) else type(adapter)
-    return frozenset(cap for cap, interface in INTERFACES.items() if issubclass(cls, interface))
+    declared = frozenset(cap for cap, interface in INTERFACES.items()
+                         if issubclass(cls, interface))
+    if isinstance(adapter, type):
+        return declared
+    return declared - adapter.disabled_capabilities()
