@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 
 from sqlalchemy import Engine
 
@@ -19,7 +19,7 @@ from labsync.config import Config, NotifyConfig, SmtpConfig
 from labsync.discovery.job import DiscoveryJob
 from labsync.errors import ConfigError
 from labsync.instance import InstanceLock
-from labsync.lis.base import LisClient
+from labsync.lis.base import Capability, LisClient, capabilities
 from labsync.lis.registry import capability_problems, make_client
 from labsync.mail.sender import SmtpSender
 from labsync.metrics import Metrics
@@ -48,7 +48,8 @@ def build_sync(config: Config, engine: Engine, lis: LisClient, fitter: TextFitte
     policy = planner.policy(
         zone=config.site.timezone, fitter=fitter, interval=config.sync.interval,
         stale_after=config.sync.stale_after, recheck_days=config.sync.recheck_days,
-        pdf_required=config.pdf.required, pdf_wait=config.pdf.wait)
+        pdf_required=config.pdf.required, pdf_wait=config.pdf.wait,
+        verify_every=_verify_every(lis))
     settings = PassSettings(page_size=config.sync.page_size, lease=config.sync.lease,
                             recheck_days=config.sync.recheck_days,
                             max_concurrency=config.lis.max_concurrency)
@@ -56,6 +57,15 @@ def build_sync(config: Config, engine: Engine, lis: LisClient, fitter: TextFitte
     return SyncEngine(settings, engine, lis, policy=policy,
                       pdfs=PdfStore(config.pdf.dir, config.pdf.max_bytes), notifier=notifier,
                       site_id=config.notify.site_id, now=now, metrics=metrics)
+
+
+def _verify_every(lis: LisClient) -> timedelta | None:
+    """With a change feed, how often a pending order is still asked by id (the adapter's
+    setting); None without one."""
+    if Capability.CHANGE_FEED not in capabilities(lis):
+        return None
+    every: timedelta | None = getattr(lis, "verify_every", None)
+    return every
 
 
 def make_notifier(notify: NotifyConfig, smtp: SmtpConfig | None, fitter: TextFitter, *,

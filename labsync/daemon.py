@@ -57,7 +57,7 @@ log = structlog.get_logger("labsync.daemon")
 HOUSEKEEPING_EVERY = timedelta(hours=1)
 TAKEOVER_EVERY = timedelta(seconds=10)
 INBOX_EVERY = timedelta(seconds=2)  # an inbox is on local disk: draining an empty one is cheap
-FEED_EVERY = timedelta(seconds=30)  # a change feed costs the LIS one request a read
+FEED_EVERY = timedelta(seconds=30)  # unless the adapter says (ChangeFeed.feed_interval)
 MAIL_EVERY = timedelta(minutes=1)
 KEEP_PASSES = timedelta(days=90)
 FORCED_EXIT = 130
@@ -101,8 +101,9 @@ class Daemon:
                                                    timezone=UTC),
                                    id="inbox", name="inbox", next_run_time=now)
         if pushed.has_feed:
+            every = getattr(self.app.lis, "feed_interval", FEED_EVERY)
             self.scheduler.add_job(self._job("feed", lambda: pushed.follow_feed(self.stop)),
-                                   IntervalTrigger(seconds=FEED_EVERY.total_seconds(),
+                                   IntervalTrigger(seconds=every.total_seconds(),
                                                    timezone=UTC),
                                    id="feed", name="feed", next_run_time=now)
         if self.app.sync.liveness.enabled:
@@ -207,6 +208,7 @@ class Daemon:
         """Start-up checks, READY=1, the schedule until a signal; returns the exit status."""
         self._install_signals()
         self.add_jobs()
+        self.app.lis.start()  # an adapter's own listener (HL7 MLLP); stopped by its close()
         self.app.metrics.start()
         sdnotify.notify(f"READY=1\nSTATUS=polling every {self.interval:g} s", self.env)
         log.info("daemon.started", interval_s=self.interval, pid=os.getpid())

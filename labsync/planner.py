@@ -46,6 +46,9 @@ class Policy:
     recheck_window: timedelta
     pdf_required: bool = True  # never completed without a valid PDF
     pdf_wait: timedelta = timedelta(0)  # with pdf_required False: how long to wait for one
+    # With a change feed: the feed brings changes, so an order is asked by id only this
+    # often (None: no feed, the adaptive rhythm of labsync.polling)
+    verify_every: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +118,22 @@ SKIP = "skipped"
 
 
 def policy(*, zone: ZoneInfo, fitter: TextFitter, interval: float, stale_after: float,
-           recheck_days: int, pdf_required: bool = True, pdf_wait: float = 0.0) -> Policy:
+           recheck_days: int, pdf_required: bool = True, pdf_wait: float = 0.0,
+           verify_every: timedelta | None = None) -> Policy:
     """The policy from the config's values (seconds and days, as ``[sync]`` and ``[pdf]``
-    hold them)."""
+    hold them; ``verify_every`` from an adapter with a change feed)."""
     return Policy(zone=zone, fitter=fitter, interval=timedelta(seconds=interval),
                   stale_after=timedelta(seconds=stale_after),
                   recheck_window=timedelta(days=recheck_days), pdf_required=pdf_required,
-                  pdf_wait=timedelta(seconds=pdf_wait))
+                  pdf_wait=timedelta(seconds=pdf_wait), verify_every=verify_every)
+
+
+def next_ask(age: timedelta, policy: Policy) -> timedelta:
+    """How long until a pending order of this age is asked about again: the adaptive
+    rhythm, or with a change feed ``verify_every`` (the feed carries the changes)."""
+    if policy.verify_every is not None:
+        return policy.verify_every
+    return poll_delay(age, interval=policy.interval, stale_after=policy.stale_after)
 
 
 def plan(local: Local, answer: Answer, now: datetime, policy: Policy) -> Plan:
@@ -242,8 +254,7 @@ def _schedule(local: Local, now: datetime, policy: Policy, result: Plan) -> None
     state = local.state
     first_seen = state.FIRST_SEEN_AT if state else None
     age = order_age(local.asked.order_date, first_seen, now, policy.zone)
-    result.state["NEXT_POLL_AT"] = now + poll_delay(age, interval=policy.interval,
-                                                    stale_after=policy.stale_after)
+    result.state["NEXT_POLL_AT"] = now + next_ask(age, policy)
     if is_stale(age, policy.stale_after) and (state is None or state.STALE_AT is None):
         result.state["STALE_AT"] = now
         result.lines.append(("warning", "order.stale", {"age_days": age.days}))
@@ -295,7 +306,11 @@ def _recheck(local: Local, answer: Answer, now: datetime, policy: Policy) -> Pla
 def _next_recheck(since_completion: timedelta, now: datetime, policy: Policy
                   ) -> datetime | None:
     delay = recheck_delay(since_completion, window=policy.recheck_window)
-    return None if delay is None else now + delay
+    if delay is None:
+        return None
+    if policy.verify_every is not None:  # the feed brings corrections and late PDFs
+        delay = max(delay, policy.verify_every)
+    return now + delay
 
 
 # -- the fast path and failures -------------------------------------------------------------------
@@ -321,7 +336,7 @@ def quiet(order: PendingOrder, lis: LisOrder, now: datetime, policy: Policy
     age = order_age(order.order_date, order.first_seen_at, now, policy.zone)
     if is_stale(age, policy.stale_after) and order.stale_at is None:
         return None  # marked stale once, with its admin-log line: plan does that
-    delay = poll_delay(age, interval=policy.interval, stale_after=policy.stale_after)
+    delay = next_ask(age, policy)
     return QuietPoll(order.id, order.external_id, order.user_id, status.value, now + delay,
                      to_processing=(status is OrderStatus.PROCESSING
                                     and order.status != "processing"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from functools import partial
 from typing import Any
 
@@ -88,9 +88,10 @@ class PushedAnswers:
             return summary
         feed: ChangeFeed = self.lis
         cursor = run_tx(self.engine, lambda conn: cursors.get(conn, self.feed_name))
+        since = None if cursor is not None else self._first_read_since()
         while not stop.is_set():
             try:
-                page = feed.changes(cursor)
+                page = feed.changes(cursor, since=since)
             except LisError as exc:
                 log.warning("feed.read_failed", error_kind=exc.kind, error=str(exc)[:500])
                 summary.outcome = exc.kind
@@ -105,6 +106,14 @@ class PushedAnswers:
                 break
         log.info("feed.read", **summary.as_dict())
         return summary
+
+    def _first_read_since(self) -> datetime:
+        """Where a feed never read before begins: a day before the oldest pending order was
+        placed (its results cannot be older), or a day ago when nothing is pending."""
+        oldest = run_tx(self.engine, orders.oldest_pending_date)
+        start = (datetime.combine(oldest, time.min, tzinfo=UTC) if oldest is not None
+                 else self.now().replace(tzinfo=UTC))
+        return start - timedelta(days=1)
 
     # -- the inbox ---------------------------------------------------------------------------
 

@@ -234,3 +234,20 @@ def test_watchdog_pings_only_while_the_pass_makes_progress(tmp_path):
     d.watchdog_job(watchdog=60)
     assert server.recv(100) == b"WATCHDOG=1"
     server.close()
+
+
+def test_the_feed_job_runs_at_the_adapters_feed_interval(clock):
+    fake_pass = _Pass()
+    fake_pass.pushed = SimpleNamespace(has_inbox=False, has_feed=True,
+                                       follow_feed=lambda stop=None: None)
+    app = SimpleNamespace(
+        config=SimpleNamespace(sync=SimpleNamespace(interval=INTERVAL, stop_timeout=5),
+                               discovery=SimpleNamespace(enabled=False)),
+        sync=fake_pass, metrics=SimpleNamespace(enabled=False, pass_finished=lambda s: None),
+        mail=None, lis=SimpleNamespace(feed_interval=timedelta(seconds=7)),
+    )
+    d = Daemon(app, env={}, scheduler_class=BackgroundScheduler)  # type: ignore[arg-type]
+    d.add_jobs(now=clock.now_value)
+
+    assert d.scheduler.get_job("feed").trigger.interval == timedelta(seconds=7)
+    assert d.scheduler.get_job("inbox") is None

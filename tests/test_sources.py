@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import select
 
 from labsync.app import open_app
+from labsync.lis.base import Capability
 from labsync.model import LisOrder, OrderStatus, PdfRef, TestResult
-from labsync.store.tables import labsync_cursors, labsync_deliveries
+from labsync.store.tables import labsync_cursors, labsync_deliveries, labsync_orders
 from labsync.testing.memory_lab import MemoryLab
 from labsync.testing.memory_lis import MemoryLis
 from labsync.testing.pdfs import sample_pdf
@@ -154,3 +155,84 @@ def test_an_unreadable_delivery_is_failed_with_its_reason_and_the_rest_go_on(
     assert (summary.failed, summary.applied) == (1, 1)
     assert lab.inbox_state("MSG-BAD") == "failed: not an ORU^R01 message"
     assert order_row(db, "H-4").STATUS == "completed"
+
+
+class _RecordingFeed(MemoryLis):
+    """The reference adapter, remembering what each feed read was asked."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = []
+
+    def changes(self, cursor, *, since=None):
+        self.asked.append((cursor, since))
+        return super().changes(cursor, since=since)
+
+
+def test_a_first_feed_read_starts_a_day_before_the_oldest_pending_order_then_at_its_cursor(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "S-1", 7, order_date=date(2026, 11, 20))
+    add_order(db, "S-2", 7, order_date=date(2026, 11, 25))
+    add_order(db, "S-OLD", 7, status="completed", order_date=date(2026, 10, 1))
+    lab = MemoryLab()
+    lab.add_order("S-1", results=[TestResult("GLU", "Glucose", "5.40")],
+                  changed_at=datetime(2026, 11, 18, 23, 0, tzinfo=UTC), version="1",
+                  pdf=sample_pdf("S-1"))  # before the start: not read
+    lab.add_order("S-2", results=[TestResult("GLU", "Glucose", "6.10")],
+                  changed_at=datetime(2026, 11, 19, 0, 0, tzinfo=UTC), version="1",
+                  pdf=sample_pdf("S-2"))
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+    lis = _RecordingFeed(lab, sleep=lambda _s: None)
+
+    _run(config, lis, "follow_feed")
+    _run(config, lis, "follow_feed")
+
+    assert lis.asked == [(None, datetime(2026, 11, 19, tzinfo=UTC)), ("mem:2", None)]
+    assert order_row(db, "S-2").STATUS == "completed"
+    assert order_row(db, "S-1").STATUS == "received"
+
+
+def test_with_a_feed_a_pending_order_is_asked_by_id_once_then_only_at_verify_every(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "V-1", 7)
+    lab = MemoryLab()
+    lab.add_order("V-1", status=OrderStatus.PROCESSING, changed_at=T1, version="1")
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+    lis = MemoryLis(lab, sleep=lambda _s: None)
+    lis.verify_every = timedelta(hours=24)
+    now = datetime(2026, 12, 1, 9, 0)
+
+    with open_app(config, lis=lis) as app:
+        app.sync.now = lambda: now
+        app.sync.run_pass()
+    with db.engine.connect() as conn:
+        next_poll = conn.execute(select(labsync_orders.c.NEXT_POLL_AT)).scalar_one()
+
+    assert next_poll == now + timedelta(hours=24)
+    assert lab.requests("order") == 1
+
+
+def test_without_a_feed_verify_every_plays_no_part(db, fake_lis, tmp_path):
+    class NoFeed(MemoryLis):
+        def disabled_capabilities(self):
+            return frozenset({Capability.CHANGE_FEED})
+
+    add_user(db, 7)
+    add_order(db, "W-1", 7)
+    lab = MemoryLab()
+    lab.add_order("W-1", status=OrderStatus.PROCESSING, changed_at=T1, version="1")
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+    lis = NoFeed(lab, sleep=lambda _s: None)
+    lis.verify_every = timedelta(hours=24)
+    now = datetime(2026, 12, 1, 9, 0)
+
+    with open_app(config, lis=lis) as app:
+        assert not app.sync.pushed.has_feed
+        app.sync.now = lambda: now
+        app.sync.run_pass()
+    with db.engine.connect() as conn:
+        next_poll = conn.execute(select(labsync_orders.c.NEXT_POLL_AT)).scalar_one()
+
+    assert next_poll < now + timedelta(hours=24)  # the adaptive rhythm, not verify_every

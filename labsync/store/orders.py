@@ -111,6 +111,17 @@ def pending_by_external_ids(conn: Connection, external_ids: Collection[str], *,
         o.c.EXTERNAL_ORDER_ID.in_(sorted(set(external_ids))), wanted).order_by(o.c.ID))
 
 
+def oldest_pending_date(conn: Connection) -> date | None:
+    """The ``ORDER_DATE`` of the oldest pending order (None: nothing is pending); where a
+    change feed read for the first time begins."""
+    o = local_lab_orders
+    value = conn.execute(select(func.min(o.c.ORDER_DATE)).where(
+        or_(o.c.STATUS.in_(PENDING), o.c.STATUS.is_(None)))).scalar_one()
+    if isinstance(value, datetime):
+        return value.date()
+    return value
+
+
 def known_external_ids(conn: Connection, external_ids: Collection[str]) -> set[str]:
     """Which of these ids the site has an order for, whatever its status."""
     if not external_ids:
