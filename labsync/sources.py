@@ -31,7 +31,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from labsync.errors import LabsyncError, LisError, StoreError
 from labsync.execute import Applied, Executor
-from labsync.lis.base import Capability, ChangeFeed, Delivery, Inbox, capabilities
+from labsync.lis.base import (
+    Capability,
+    ChangeFeed,
+    Delivery,
+    FeedProblem,
+    Inbox,
+    capabilities,
+)
 from labsync.model import LisOrder
 from labsync.observe import Observation, Observer
 from labsync.store import cursors, deliveries, orders
@@ -98,6 +105,8 @@ class PushedAnswers:
                 break
             summary.pages += 1
             summary.orders += len(page.orders)
+            if page.problems:
+                self._feed_problems(page.problems, summary)
             next_cursor = page.cursor if page.cursor is not None else cursor
             self._apply(page.orders, summary, partial(
                 cursors.save, name=self.feed_name, cursor=next_cursor, now=self.now()))
@@ -106,6 +115,23 @@ class PushedAnswers:
                 break
         log.info("feed.read", **summary.as_dict())
         return summary
+
+    def _feed_problems(self, problems: Sequence[FeedProblem], summary: SourceSummary) -> None:
+        """Entries the adapter could not read: each logged, and recorded as a failure of the
+        site's order it names (its next ask by id comes soon, and the error stays there)."""
+        since = self.now() - timedelta(days=self.recheck_days) if self.recheck_days else None
+        named = {p.external_id for p in problems if p.external_id}
+        local = run_tx(self.engine, lambda conn: orders.pending_by_external_ids(
+            conn, named, recheck_since=since))
+        by_id = {order.external_id: order for order in local}
+        for problem in problems:
+            order = by_id.get(problem.external_id or "")
+            log.warning("feed.entry_unreadable", order=problem.external_id,
+                        error_kind=problem.error.kind, error=str(problem.error)[:500],
+                        site_order=order is not None)
+            if order is not None:
+                self._failure(Observation(order, None, error=problem.error))
+                summary.failed += 1
 
     def _first_read_since(self) -> datetime:
         """Where a feed never read before begins: a day before the oldest pending order was

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
@@ -15,7 +15,14 @@ from labsync.errors import StoreError
 from labsync.store.bookkeeping import get_state
 from labsync.store.db import describe_db_error, make_engine
 from labsync.store.orders import PENDING, find_order, result_rows
-from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
+from labsync.store.tables import (
+    b_event,
+    labsync_cursors,
+    labsync_deliveries,
+    labsync_orders,
+    labsync_passes,
+    local_lab_orders,
+)
 
 _AGE_BUCKETS = (("under 1 day", 1), ("1-7 days", 7), ("7-30 days", 30), ("over 30 days", None))
 
@@ -76,7 +83,14 @@ def _status(config: Config, engine: Engine) -> dict[str, Any]:
                 b_event.c.SUCCESS_EXEC == "N",
                 b_event.c.EVENT_NAME.in_([config.notify.event_name,
                                           config.notify.updated_event_name]))).scalar_one()
+        feeds = [{"feed": r.NAME, "cursor": r.FEED_CURSOR, "updated": r.UPDATED_AT}
+                 for r in conn.execute(select(labsync_cursors).order_by(labsync_cursors.c.NAME))]
+        delivered = conn.execute(select(func.count()).select_from(labsync_deliveries).where(
+            labsync_deliveries.c.APPLIED_AT >= since)).scalar_one()
     return {
+        "feeds": feeds,
+        "inbox": _inbox(config, lambda inbox: dict(inbox.counts())),
+        "deliveries_applied_24h": delivered,
         "pending": pending,
         "pending_total": sum(sum(b.values()) for b in pending.values()),
         "stale_total": stale_total,
@@ -85,6 +99,21 @@ def _status(config: Config, engine: Engine) -> dict[str, Any]:
         "last_pass": dict(last) if last else None,
         "mail_queued_unsent": queued,
     }
+
+
+def _inbox(config: Config, ask: Callable[[Any], Any]) -> Any:
+    """``ask(adapter)`` when the configured adapter has an inbox (it is read from disk,
+    nothing is reached), else None."""
+    from labsync.lis.base import Capability
+    from labsync.lis.registry import adapter_capabilities, make_client
+
+    if Capability.INBOX not in adapter_capabilities(config.lis.adapter):
+        return None
+    adapter = make_client(config.lis)
+    try:
+        return ask(adapter)
+    finally:
+        adapter.close()
 
 
 def _age_bucket(today: Any, order_date: Any) -> str:
@@ -116,6 +145,14 @@ def render_status(report: dict[str, Any]) -> str:
     for entry in report["stale"]:
         lines.append(f"  {entry['order']}: stale since {_utc(entry['stale_since'])}")
     lines.append(f"mail events waiting for the site to send: {report['mail_queued_unsent']}")
+    for feed in report.get("feeds", ()):
+        lines.append(f"change feed {feed['feed']}: at {feed['cursor'] or 'its start'}, "
+                     f"read {_utc(feed['updated'])}")
+    inbox = report.get("inbox")
+    if inbox is not None:
+        held = ", ".join(f"{state}: {n}" for state, n in sorted(inbox.items())) or "empty"
+        lines.append(f"inbox: {held}; deliveries applied in the last 24 h: "
+                     f"{report.get('deliveries_applied_24h', 0)}")
     failures = report["failures_24h"]
     lines.append(f"orders failing in the last 24 h: {len(failures)}")
     for f in failures:
@@ -141,6 +178,11 @@ def collect_order(config: Config, external_id: str) -> dict[str, Any] | None:
         }
 
     found: dict[str, Any] | None = with_engine(config, work)
+    if found is not None:
+        messages = _inbox(config, lambda inbox: [dict(m) for m in
+                                                  inbox.messages_for(external_id)])
+        if messages is not None:
+            found["messages"] = messages
     return found
 
 
@@ -180,6 +222,12 @@ def render_order(report: dict[str, Any], *, zone: tzinfo | str,
                f"#{state['MAIL_EVENT_ID']}" if state["MAIL_EVENT_ID"] else "")
             + (f", at {_utc(state['NOTIFIED_AT'])}" if state["NOTIFIED_AT"] else ""),
         ]
+    if "messages" in report:
+        lines.append(f"  messages in the inbox: {len(report['messages'])}")
+        for m in report["messages"]:
+            reason = f": {m['reason']}" if m.get("reason") else ""
+            lines.append(f"    {m.get('id')}: {m.get('state')}"
+                         f"{_at(m.get('received_at'))}{reason}")
     lines.append(f"  results stored: {len(report['results'])}")
     for r in report["results"]:
         flag = "  [abnormal]" if r["IS_ABNORMAL"] == "Y" else ""

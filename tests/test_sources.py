@@ -8,8 +8,10 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import select
 
 from labsync.app import open_app
-from labsync.lis.base import Capability
+from labsync.errors import BadLisData
+from labsync.lis.base import Capability, FeedPage, FeedProblem
 from labsync.model import LisOrder, OrderStatus, PdfRef, TestResult
+from labsync.status import collect_status, render_status
 from labsync.store.tables import labsync_cursors, labsync_deliveries, labsync_orders
 from labsync.testing.memory_lab import MemoryLab
 from labsync.testing.memory_lis import MemoryLis
@@ -236,3 +238,49 @@ def test_without_a_feed_verify_every_plays_no_part(db, fake_lis, tmp_path):
         next_poll = conn.execute(select(labsync_orders.c.NEXT_POLL_AT)).scalar_one()
 
     assert next_poll < now + timedelta(hours=24)  # the adaptive rhythm, not verify_every
+
+
+def test_an_unreadable_feed_entry_is_recorded_on_its_order_and_the_feed_goes_on(
+        db, fake_lis, tmp_path):
+    class OneBadEntry(MemoryLis):
+        def changes(self, cursor, *, since=None):
+            page = super().changes(cursor, since=since)
+            if cursor is None:  # the first page also lists one report it could not read
+                return FeedPage(page.orders, page.cursor, page.more, problems=(
+                    FeedProblem("B-2", BadLisData("report 17 of order B-2: no status")),
+                    FeedProblem(None, BadLisData("report 18: no identifier"))))
+            return page
+
+    add_user(db, 7)
+    add_order(db, "B-1", 7)
+    add_order(db, "B-2", 7)
+    lab = MemoryLab()
+    lab.add_order("B-1", results=[TestResult("GLU", "Glucose", "5.40")], changed_at=T1,
+                  version="1", pdf=sample_pdf("B-1"))
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+
+    summary = _run(config, OneBadEntry(lab, sleep=lambda _s: None), "follow_feed")
+
+    assert (summary.applied, summary.failed) == (1, 1)
+    assert order_row(db, "B-1").STATUS == "completed"
+    assert _cursor(db) == "mem:1"  # moved past the bad entry
+    with db.engine.connect() as conn:
+        state = conn.execute(select(labsync_orders).where(
+            labsync_orders.c.ORDER_ID == order_row(db, "B-2").ID)).one()
+    assert state.FAILURES == 1 and "no status" in state.LAST_ERROR
+    assert state.NEXT_POLL_AT is not None  # asked by id soon, where the error stays
+
+
+def test_status_shows_where_each_feed_stands(db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "C-1", 7)
+    lab = MemoryLab()
+    lab.add_order("C-1", status=OrderStatus.PROCESSING, changed_at=T1, version="1")
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+    _run(config, MemoryLis(lab, sleep=lambda _s: None), "follow_feed")
+
+    report = collect_status(config)
+
+    assert [(f["feed"], f["cursor"]) for f in report["feeds"]] == [("MemoryLis:changes", "mem:1")]
+    assert report["inbox"] is None  # the configured adapter (qlab) has no inbox
+    assert "change feed MemoryLis:changes: at mem:1, read " in render_status(report)

@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from labsync.errors import PermanentLisError, UnknownOrder
+from labsync.errors import LisError, PermanentLisError, UnknownOrder
 from labsync.model import BY_ORDER, LisOrder, LisOrderRef, Patient, PdfRef
 
 
@@ -187,6 +187,20 @@ class FeedPage:
     orders: tuple[LisOrder, ...]
     cursor: str | None
     more: bool = False
+    problems: tuple[FeedProblem, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FeedProblem:
+    """An entry of a feed page the adapter could not read (a malformed report, a result it
+    could not fetch). One bad entry must not stop the feed for every order: the adapter
+    leaves it out of ``orders``, still moves the cursor past it, and names it here. The
+    engine records the error against the site's order with that id (so it is asked by id
+    soon, where the error stays with that order) and logs the rest.
+    """
+
+    external_id: str | None  # the order it is about, when the adapter could tell
+    error: LisError
 
 
 class ChangeFeed(LisClient):
@@ -284,6 +298,18 @@ class Inbox(LisClient):
         The adapter decides how long it keeps a delivery that is released again and again
         (HL7's ``hold_unknown``) before it fails it itself.
         """
+
+    def counts(self) -> Mapping[str, int]:
+        """What the inbox holds now, by state (``waiting``, ``held``, ``failed``, ``done``),
+        for ``labsync status``; empty when the adapter cannot say. Read from disk: safe
+        while another process (``labsync run``) uses the same inbox."""
+        return {}
+
+    def messages_for(self, external_id: str) -> Sequence[Mapping[str, Any]]:
+        """The deliveries the inbox holds for one order (each a small dict: ``id``,
+        ``state``, ``received_at``, ``reason``...), for ``labsync order``; empty when the
+        adapter cannot say."""
+        return ()
 
 
 class PdfSource(LisClient):
