@@ -25,6 +25,7 @@ from labsync.config import Config
 from labsync.store.db import init_db, make_engine
 from labsync.store.tables import b_user, local_lab_orders, metadata
 from labsync.testing.fake_qlab import FakeQlab
+from tests.fhir_medplum import medplum, medplum_server  # noqa: F401 - the FHIR server's fixtures
 
 SQL_DIR = Path(__file__).parent / "sql"
 MARIADB_ADMIN_URL = os.environ.get("LABSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")

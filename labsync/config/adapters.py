@@ -65,3 +65,8 @@ def adapter_names() -> list[str]:
 
 # QLAB: REST over HTTPS, needs lis.base_url and a credential; no keys of its own yet.
 register_adapter(AdapterSchema("qlab"))
+
+# FHIR R4 (issue 13): its [lis.fhir] keys are declared in fhir.py.
+from labsync.config.fhir import FHIR_SCHEMA  # noqa: E402 - needs AdapterSchema above
+
+register_adapter(FHIR_SCHEMA)

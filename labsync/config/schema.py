@@ -9,6 +9,13 @@ builder is what involves several keys (``smtp.ssl`` with ``smtp.starttls``).
 A ``Key`` with ``kind=SECRET`` is read from ``name`` or from the file ``name_file`` names
 (a systemd credential), never both, into a ``Secret``; ``Config.secrets()`` and the log
 redaction find secrets through these declarations, not through a list kept by hand.
+
+A ``Key`` with ``kind=TABLE`` is a table inside the section (``[lis.mapped.results]``, or
+an inline ``{ … }``): with ``keys`` it is read like a section of its own, its problems
+named ``lis.mapped.results.value``; with ``each`` every entry, whatever its name, is read as
+that key (``[lis.mapped.status_map]``); with neither it is handed to ``check`` as it is.
+``STRINGS`` is a TOML array of strings. A ``Section``'s ``check(values, ctx)`` reports
+what involves several of its keys, once they are read (nested tables hold no secrets).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class Kind(enum.Enum):
     DURATION = "duration"  # "30s", "15m", "1h", "30d" → seconds (float)
     PATH = "path"  # → pathlib.Path
     SECRET = "secret"  # noqa: S105 - a kind. → Secret, from ``name`` or ``name_file``
+    STRINGS = "strings"  # a TOML array of strings → tuple[str, ...]
+    TABLE = "table"  # a table: ``keys`` read like a section's, or every entry as ``each``
 
     @property
     def noun(self) -> str:
@@ -50,7 +59,8 @@ class Kind(enum.Enum):
         return _NOUNS.get(self, "a string")
 
 
-_NOUNS = {Kind.INT: "an integer", Kind.FLOAT: "a number", Kind.BOOL: "true or false"}
+_NOUNS = {Kind.INT: "an integer", Kind.FLOAT: "a number", Kind.BOOL: "true or false",
+          Kind.STRINGS: "an array of strings", Kind.TABLE: "a table"}
 _TEXT_KINDS = (Kind.STR, Kind.PATH, Kind.DURATION)
 
 
@@ -84,6 +94,8 @@ class Key:
     file: bool = True  # SECRET: ``name_file = "/path"`` accepted
     absolute: bool = False  # PATH: must be absolute
     exists: str | None = None  # PATH: "file" or "dir" must exist
+    keys: tuple[Key, ...] = ()  # TABLE: its keys, read like a section's
+    each: Key | None = None  # TABLE: the key every entry is read as (any entry name)
 
     def __post_init__(self) -> None:
         if self.kind is Kind.SECRET:
@@ -107,6 +119,9 @@ class Section:
 
     name: str
     keys: tuple[Key, ...] = ()
+    # What involves several keys: ``check(values, ctx)`` once every key is read, reporting
+    # into ``ctx`` (a key that failed is in ``values.failed``: say nothing more about it).
+    check: Callable[[Values, Context], None] | None = field(default=None, compare=False)
     _by_name: dict[str, Key] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +221,8 @@ def read_section(section: Section, raw: Any, ctx: Context, *,
             values.failed.add(key.name)
         elif value is not None:
             values[key.name] = value
+    if section.check is not None:
+        section.check(values, ctx)
     return values
 
 
@@ -218,7 +235,16 @@ def _refuse(key: Key, full: str, ctx: Context, words: str, value: Any) -> object
 
 
 def _read_value(key: Key, value: Any, ctx: Context, full: str) -> Any:
-    if key.kind in _TEXT_KINDS:
+    if key.kind is Kind.TABLE:
+        return _read_table(key, value, ctx, full)
+    if key.kind is Kind.STRINGS:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return _refuse(key, full, ctx, f"must be {key.kind.noun}", value)
+        items = [ctx.expand(full, item) for item in value]
+        if any(item is None for item in items):
+            return _BAD
+        value = tuple(items)
+    elif key.kind in _TEXT_KINDS:
         if not isinstance(value, str):
             if key.kind is Kind.DURATION:
                 return _refuse(key, full, ctx, duration_problem(value), value)
@@ -268,6 +294,33 @@ def _read_value(key: Key, value: Any, ctx: Context, full: str) -> Any:
             ctx.problem(full, str(exc))
             return _BAD
     return value
+
+
+def _read_table(key: Key, value: Any, ctx: Context, full: str) -> Any:
+    """A table inside a section: its ``keys``, or every entry as ``each``, or as it is."""
+    if not isinstance(value, Mapping):
+        return _refuse(key, full, ctx, f"must be a table ([{full}] or {{ … }})", value)
+    found = len(ctx.problems)
+    read: Any
+    if key.keys:
+        read = read_section(Section(full, key.keys), value, ctx)
+    elif key.each is not None:
+        read = {}
+        for name, item in value.items():
+            got = _read_value(key.each, item, ctx, f"{full}.{name}")
+            if got is not _BAD:
+                read[name] = got
+    else:
+        read = dict(value)
+    if len(ctx.problems) > found:
+        return _BAD
+    if key.check is not None:
+        try:
+            read = key.check(read)
+        except Invalid as exc:
+            ctx.problem(full, str(exc))
+            return _BAD
+    return read
 
 
 def _read_secret(key: Key, table: Mapping[str, Any], ctx: Context, section: str) -> Any:

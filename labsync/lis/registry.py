@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 # name → "module:Class", imported on demand so an adapter's dependencies load only when used
 _ADAPTERS: dict[str, str] = {
     "qlab": "labsync.lis.qlab:QlabClient",
+    "fhir": "labsync.lis.fhir:FhirClient",
 }
 
 
