@@ -46,8 +46,10 @@ class Observer:
     """Asks the LIS about orders; safe to call from many worker threads at once."""
 
     def __init__(self, lis: LisClient, pdfs: PdfStore, breaker: Breaker, *,
-                 fingerprint: Callable[[LisOrder], str], pdf_required: bool) -> None:
+                 fingerprint: Callable[[LisOrder], str], pdf_required: bool,
+                 on_refused: Callable[[PendingOrder, str], None] | None = None) -> None:
         self.lis = lis
+        self.on_refused = on_refused  # a refused form, for the admin log (told once)
         self.pdfs = pdfs
         self.breaker = breaker
         self.fingerprint = fingerprint
@@ -123,6 +125,9 @@ class Observer:
             if self.pdf_required and not order.pdf_missing:
                 raise
             # A refused form counts as none: pdf.required / pdf.wait decide (the planner).
-            log.warning("order.pdf_refused" if isinstance(exc, BadLisData)
-                        else "order.pdf_not_ready", error=str(exc)[:300])
+            refused = isinstance(exc, BadLisData)
+            log.warning("order.pdf_refused" if refused else "order.pdf_not_ready",
+                        error=str(exc)[:300])
+            if refused and self.on_refused is not None:
+                self.on_refused(order, f"{exc} (the form counts as not there yet)")
             return None

@@ -98,6 +98,20 @@ class PassProblems:
                        "lis.base_url and the LIS")
         self._admin_log(message, "lis.halt_not_recorded")
 
+    def order_note(self, external_id: str, message: str) -> None:
+        """One order's problem that does not fail it (a PDF refused while the order may go
+        on without one): told to the admin log once, however often it is seen again."""
+        def once(conn: Any) -> None:
+            if not bitrix.has_event_log(conn, self.fitter, item_id=external_id,
+                                        description=message):
+                bitrix.add_event_log(conn, self.fitter, item_id=external_id,
+                                     description=message, now_site=self.site_time(),
+                                     site_id=self.site_id)
+        try:
+            run_tx(self.engine, once)
+        except (StoreError, SQLAlchemyError) as exc:
+            log.error("order.note_not_recorded", error=str(exc))
+
     def _admin_log(self, message: str, failed_event: str) -> None:
         try:
             run_tx(self.engine, partial(

@@ -29,6 +29,7 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from labsync.clock import utc_naive
 from labsync.errors import LabsyncError, LisError, StoreError
 from labsync.execute import Applied, Executor
 from labsync.lis.base import (
@@ -41,7 +42,7 @@ from labsync.lis.base import (
 )
 from labsync.model import LisOrder
 from labsync.observe import Observation, Observer
-from labsync.store import cursors, deliveries, orders
+from labsync.store import cursors, deliveries, orders, versions
 from labsync.store.db import describe_failure, order_error
 from labsync.store.tx import run_tx
 
@@ -56,6 +57,7 @@ class SourceSummary:
     orders: int = 0  # orders the LIS listed
     applied: int = 0  # of those, orders of the site's that were written
     failed: int = 0
+    unchanged: int = 0  # orders listed again at the version already applied: not touched
     held: int = 0  # deliveries released for later (an order the site does not have yet)
     duplicates: int = 0  # deliveries applied before, only marked done
     outcome: str = "ok"
@@ -203,8 +205,13 @@ class PushedAnswers:
         by_id: dict[str, list[orders.PendingOrder]] = {}
         for order in local:
             by_id.setdefault(order.external_id, []).append(order)
-        observed = [self.observer.given(order, answer)
-                    for answer in answers for order in by_id.get(answer.external_id, ())]
+        seen = run_tx(self.engine, lambda conn: versions.get_many(conn, [o.id for o in local]))
+        pairs = [(order, answer) for answer in answers
+                 for order in by_id.get(answer.external_id, ())]
+        fresh = [(order, answer) for order, answer in pairs
+                 if not _applied_before(answer, seen.get(order.id))]
+        summary.unchanged += len(pairs) - len(fresh)
+        observed = [self.observer.given(order, answer) for order, answer in fresh]
         good = [o for o in observed if o.error is None and not o.skipped]
         try:
             outcomes = run_tx(self.engine, lambda conn: self._together(conn, good, finish))
@@ -263,3 +270,13 @@ class PushedAnswers:
         for obs in observed:
             self.observer.pdfs.discard(obs.pdf)  # a no-op once published
 
+
+def _applied_before(answer: LisOrder, seen: Any) -> bool:
+    """The answer is the version of the order already applied (a feed's overlap re-read, a
+    resent message): nothing to do, not even bookkeeping. The planner would write nothing
+    of the site's either, but this costs no lock and no PDF staging."""
+    if seen is None or answer.version is None or seen.VERSION != answer.version:
+        return False
+    if answer.changed_at is None or seen.CHANGED_AT is None:
+        return seen.CHANGED_AT is None and answer.changed_at is None
+    return bool(utc_naive(answer.changed_at) == seen.CHANGED_AT)

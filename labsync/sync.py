@@ -120,10 +120,12 @@ class SyncEngine:
         # Open when asking the LIS about more orders this pass is pointless: it refused the
         # key, or it has failed every request for a while (at least twice the concurrency).
         self.breaker = Breaker(max(UNREACHABLE_AFTER, 2 * settings.max_concurrency))
-        self.observer = Observer(lis, pdfs, self.breaker, fingerprint=self.applier.fingerprint,
-                                 pdf_required=policy.pdf_required)
         self.problems = PassProblems(engine, policy.fitter, site_id=site_id, pdf_dir=pdfs.root,
                                      site_time=lambda: self.applier.site_time(self.now()))
+        self.observer = Observer(
+            lis, pdfs, self.breaker, fingerprint=self.applier.fingerprint,
+            pdf_required=policy.pdf_required,
+            on_refused=lambda order, text: self.problems.order_note(order.external_id, text))
         # What the LIS lists (a change feed) or pushes (an inbox), for adapters that can.
         self.pushed = PushedAnswers(engine, lis, self.observer, self.applier,
                                     recheck_days=settings.recheck_days, now=lambda: self.now())

@@ -70,7 +70,14 @@ def test_a_form_that_is_not_a_pdf_counts_as_none_and_is_logged(db, fake_lis, tmp
     assert summary.completed == 1
     assert {r.PDF_PATH for r in results(db, "N-1")} == {None}
     assert not list((tmp_path / "pdfs").rglob("*.pdf"))
-    assert event_log(db) == []  # not an order failure
+    [line] = event_log(db)  # bad data, told to the admin once; not an order failure
+    assert line.ITEM_ID == "N-1" and "not there yet" in line.DESCRIPTION
+    assert order_row(db, "N-1").STATUS == "completed"
+
+    fake_lis.set_results("N-1", RESULTS[:2])  # a correction: asked again, the form refetched
+    run_pass(config)
+    assert fake_lis.request_count("pdf", "N-1") == 2  # refused again...
+    assert len(event_log(db)) == 1  # ...but not told twice
 
 
 def test_pdf_wait_holds_a_completed_order_back_then_publishes_it_without_the_form(

@@ -284,3 +284,28 @@ def test_status_shows_where_each_feed_stands(db, fake_lis, tmp_path):
     assert [(f["feed"], f["cursor"]) for f in report["feeds"]] == [("MemoryLis:changes", "mem:1")]
     assert report["inbox"] is None  # the configured adapter (qlab) has no inbox
     assert "change feed MemoryLis:changes: at mem:1, read " in render_status(report)
+
+
+def test_orders_listed_again_at_the_version_applied_are_not_touched(db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "U-1", 7)
+    add_order(db, "U-2", 7)
+    lab = MemoryLab()
+    lab.add_order("U-1", results=[TestResult("GLU", "Glucose", "5.40")], changed_at=T1,
+                  version="1", pdf=sample_pdf("U-1"))
+    lab.add_order("U-2", status=OrderStatus.PROCESSING, changed_at=T1, version="1")
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+    lis = MemoryLis(lab, sleep=lambda _s: None)
+    _run(config, lis, "follow_feed")
+    with db.engine.connect() as conn:
+        before = conn.execute(select(labsync_orders).order_by(labsync_orders.c.ORDER_ID)).all()
+    with db.engine.begin() as conn:  # the cursor lost: the whole feed is read again
+        conn.execute(labsync_cursors.delete())
+
+    again = _run(config, lis, "follow_feed")
+
+    with db.engine.connect() as conn:
+        after = conn.execute(select(labsync_orders).order_by(labsync_orders.c.ORDER_ID)).all()
+    assert (again.orders, again.unchanged, again.applied) == (2, 2, 0)
+    assert after == before  # not even the bookkeeping of a poll
+    assert len(events(db)) == 1

@@ -187,6 +187,17 @@ def _event_row(fitter: TextFitter, event_name: str, site_id: str, fields: Mappin
 _INSERT_EVENT = insert(b_event)
 
 
+def has_event_log(conn: Connection, fitter: TextFitter, *, item_id: str,
+                  description: str) -> bool:
+    """Whether labsync wrote this line for this item before (to tell a problem once)."""
+    e = b_event_log.c
+    return conn.execute(select(e.ID).where(
+        e.MODULE_ID == MODULE_ID, e.AUDIT_TYPE_ID == AUDIT_TYPE,
+        e.ITEM_ID == fitter.fit("b_event_log", "ITEM_ID", item_id)[0],
+        e.DESCRIPTION == fitter.fit("b_event_log", "DESCRIPTION", description)[0],
+    ).limit(1)).first() is not None
+
+
 def add_event_log(
     conn: Connection,
     fitter: TextFitter,

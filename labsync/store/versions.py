@@ -6,6 +6,7 @@ the order's own transaction. Orders whose LIS gives no version have no row here.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,15 @@ _UPDATE = update(labsync_versions).where(labsync_versions.c.ORDER_ID == bindpara
 def get(conn: Connection, order_id: int) -> Any:
     """The order's row (CHANGED_AT, VERSION, PDF_WAIT_SINCE), or None."""
     return conn.execute(_GET, {"order_id": order_id}).first()
+
+
+def get_many(conn: Connection, order_ids: Collection[int]) -> dict[int, Any]:
+    """The rows of these orders, by ORDER_ID, in one indexed lookup (absent: no row)."""
+    if not order_ids:
+        return {}
+    v = labsync_versions.c
+    rows = conn.execute(select(labsync_versions).where(v.ORDER_ID.in_(sorted(set(order_ids)))))
+    return {row.ORDER_ID: row for row in rows}
 
 
 def save(conn: Connection, order_id: int, *, exists: bool, changed_at: datetime | None,
