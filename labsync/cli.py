@@ -1,7 +1,8 @@
 """The ``labsync`` command: a thin shell over the functions the scheduler and the demo call.
 
 Exit status: 0 done; 1 problems found (``check``; its warnings and skipped checks do not
-count) or unknown order (``order``); 2 unusable config or unreachable database. Errors
+count), unknown order (``order``) or an order that does not map (``try-order``); 2 unusable
+config or unreachable database. Errors
 reach the operator through ``_fail`` only: a list of things to fix, never a traceback.
 """
 
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--json", action="store_true")
     review.add_argument("--dismiss", metavar="EXTERNAL_ORDER_ID",
                         help="close a case that belongs to no site user")
+    try_order = sub.add_parser("try-order", help="ask the LIS about one order and show what "
+                                                 "labsync would write; writes nothing")
+    try_order.add_argument("external_id", metavar="EXTERNAL_ORDER_ID")
+    try_order.add_argument("--raw", action="store_true",
+                           help="also print the LIS's answer as received (secrets masked)")
     demo = sub.add_parser("demo", help="the whole pipeline on SQLite with a built-in fake LIS")
     demo.add_argument("--dir", default="labsync-demo",
                       help="folder for the demo's database and PDFs (default: ./labsync-demo)")
@@ -68,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail_config(exc)
     logs.setup(config.log.level, config.log.format, config.secrets(),
-               stream=sys.stderr if args.command in ("status", "order", "check", "review")
+               stream=sys.stderr if args.command in ("status", "order", "check", "review",
+                                                     "try-order")
                else None, headers=config.secret_headers())
     commands: dict[str, Callable[[], int]] = {
         "init-db": lambda: _init_db(config),
@@ -78,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda: _status(config, as_json=args.json),
         "order": lambda: _order(config, args.external_id, as_json=args.json),
         "review": lambda: _review(config, as_json=args.json, dismiss=args.dismiss),
+        "try-order": lambda: _try_order(config, args.external_id, raw=args.raw),
     }
     return _guard(commands[args.command], database=config.database.url)
 
@@ -186,6 +194,13 @@ def _status(config: Config, *, as_json: bool) -> int:
     print(json.dumps(report, ensure_ascii=False, default=str) if as_json
           else render_status(report))
     return EXIT_OK
+
+
+def _try_order(config: Config, external_id: str, *, raw: bool) -> int:
+    """The dry run: 0 the order maps, 1 problems (listed), 2 an unusable config (``_guard``)."""
+    from labsync.dry_run import try_order
+
+    return try_order(config, external_id, raw=raw)
 
 
 def _order(config: Config, external_id: str, *, as_json: bool) -> int:

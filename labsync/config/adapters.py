@@ -70,3 +70,8 @@ register_adapter(AdapterSchema("qlab"))
 from labsync.config.fhir import FHIR_SCHEMA  # noqa: E402 - needs AdapterSchema above
 
 register_adapter(FHIR_SCHEMA)
+
+# Any REST or SOAP LIS by configuration (issue 15): its [lis.mapped] keys are in mapped.py.
+from labsync.config.mapped import MAPPED_SCHEMA  # noqa: E402 - needs AdapterSchema above
+
+register_adapter(MAPPED_SCHEMA)

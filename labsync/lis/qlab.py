@@ -7,14 +7,16 @@ a result silently dropped or a value rounded would show a patient the wrong thin
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 from labsync.config import LisConfig
 from labsync.errors import BadLisData, PdfNotReady, UnknownOrder
 from labsync.lis.base import OrderLookup, OrderPlacement, PatientSearch, PdfSource
+from labsync.lis.body import JSON_MAX_BYTES, decode_json
 from labsync.lis.http import HttpTransport, JsonNumber, excerpt, quote_id
 from labsync.model import (
     BY_ORDER,
@@ -29,6 +31,12 @@ from labsync.model import (
 
 _T = TypeVar("_T")
 _STATUSES = {status.value: status for status in OrderStatus}
+
+
+class QlabAnswer(NamedTuple):
+    """An order's ``/results`` body as received, the API key masked (``labsync try-order``)."""
+
+    body: bytes
 
 
 class QlabClient(OrderLookup, PdfSource, PatientSearch, OrderPlacement):
@@ -101,6 +109,24 @@ class QlabClient(OrderLookup, PdfSource, PatientSearch, OrderPlacement):
     def close(self) -> None:
         """Close the HTTP sessions."""
         self._http.close()
+
+    # -- for ``labsync try-order``: the answer as received, then validated -----------------
+
+    def answer_as_received(self, external_id: str) -> QlabAnswer:
+        """``GET /orders/{id}/results`` as received, not yet validated; 404 is
+        ``UnknownOrder``. With ``order_from_answer`` it is ``fetch_order``."""
+        sink = io.BytesIO()
+        self._http.stream_to(f"/orders/{quote_id(external_id)}/results", sink,
+                             what=f"results of order {excerpt(external_id)}",
+                             not_found=UnknownOrder, max_bytes=JSON_MAX_BYTES,
+                             accept="application/json")
+        text = sink.getvalue().decode("utf-8", "surrogateescape")
+        return QlabAnswer(self._http.redact(text).encode("utf-8", "surrogateescape"))
+
+    def order_from_answer(self, external_id: str, answer: QlabAnswer) -> LisOrder:
+        """The order of an ``answer_as_received``, validated as ``fetch_order`` does."""
+        data = decode_json(answer.body, what=f"results of order {excerpt(external_id)}")
+        return self._validated(parse_order, external_id, data)
 
     def _validated(self, parse: Callable[..., _T], *args: Any) -> _T:
         """``parse(*args)``; its messages quote LIS values, which might echo the API key."""

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 _ADAPTERS: dict[str, str] = {
     "qlab": "labsync.lis.qlab:QlabClient",
     "fhir": "labsync.lis.fhir:FhirClient",
+    "mapped": "labsync.lis.mapped:MappedClient",
 }
 
 
