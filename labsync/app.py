@@ -87,6 +87,17 @@ def check_wiring(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def built_problems(config: Config, lis: LisClient) -> list[str]:
+    """What the configured adapter, as its own section set it up, cannot do of what the
+    config asks: ``check_wiring`` reads the class, this the built adapter (a mapped LIS
+    without ``find_url`` has no patient search)."""
+    if config.discovery.enabled and Capability.PATIENT_SEARCH not in capabilities(lis):
+        return [f'discovery.enabled: the "{config.lis.adapter}" adapter, as configured, '
+                f"cannot {Capability.PATIENT_SEARCH.ability} (no "
+                f"{Capability.PATIENT_SEARCH.label})"]
+    return []
+
+
 @contextmanager
 def open_app(config: Config, *, lis: LisClient | None = None,
              stop: threading.Event | None = None) -> Iterator[App]:
@@ -109,6 +120,9 @@ def open_app(config: Config, *, lis: LisClient | None = None,
             if stop is not None:
                 options["sleep"] = interruptible_sleep(stop)
             client = make_client(config.lis, **options)
+            problems = built_problems(config, client)
+            if problems:
+                raise ConfigError(problems)
         metrics = Metrics(config.metrics)
         sync = build_sync(config, engine, client, fitter, metrics=metrics)
         discovery = DiscoveryJob(config.discovery, engine, client, fitter,

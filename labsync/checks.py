@@ -22,9 +22,11 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from labsync import logs
+from labsync.app import built_problems
 from labsync.config import Config
 from labsync.errors import ConfigError, LisAuthError, LisError
-from labsync.lis.registry import adapter_capabilities, make_client
+from labsync.lis.base import capabilities
+from labsync.lis.registry import make_client
 from labsync.store.db import describe_db_error, detect_text_fitter, make_engine
 from labsync.store.tables import BITRIX_TABLES, OWN_TABLES, SITE_TABLES
 
@@ -143,11 +145,16 @@ def _check_mail_templates(config: Config, report: CheckReport) -> None:
 
 
 def _check_lis(config: Config, report: CheckReport) -> None:
-    where = config.lis.base_url
-    can = sorted(c.label for c in adapter_capabilities(config.lis.adapter))
-    report.add(OK, f'adapter "{config.lis.adapter}" can: {", ".join(can)}')
     client = make_client(config.lis)
-    key, what = config.lis.credential  # lis.api_key, "API key" unless lis.auth says otherwise
+    can = sorted(c.label for c in capabilities(client))
+    report.add(OK, f'adapter "{config.lis.adapter}" can: {", ".join(can)}')
+    for problem in built_problems(config, client):
+        report.add(PROBLEM, problem)
+    # An adapter with keys of its own says which one holds its credential (``credential``:
+    # lis.fhir.token, lis.mapped.auth_value) and where it reaches its LIS (``location``: a
+    # SOAP endpoint from the WSDL, an HL7 drop folder), as (key, text); else the [lis] keys.
+    key, what = getattr(client, "credential", None) or config.lis.credential
+    where_key, where = getattr(client, "location", None) or ("lis.base_url", config.lis.base_url)
     started = time.monotonic()
     try:
         # The probe's retry lines would land in the middle of the report: held back here,
@@ -157,7 +164,7 @@ def _check_lis(config: Config, report: CheckReport) -> None:
     except LisAuthError:
         report.add(PROBLEM, f"{key}: the LIS refused the {what}")
     except LisError as exc:
-        report.add(PROBLEM, f"lis.base_url: cannot use the LIS at {where}: {exc}"
+        report.add(PROBLEM, f"{where_key}: cannot use the LIS at {where}: {exc}"
                             f"{_tries(held, time.monotonic() - started)}")
     else:
         retries = _retries(held)

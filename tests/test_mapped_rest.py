@@ -10,6 +10,7 @@ from datetime import date
 
 import pytest
 
+from labsync.app import built_problems
 from labsync.errors import (
     BadLisData,
     ConfigError,
@@ -33,6 +34,7 @@ from tests.mapped_support import (
     config_with,
     lis_config,
     lis_table,
+    no_sleep,
 )
 
 TOKEN = "rest-token-4d1e9b"
@@ -200,3 +202,19 @@ def test_retries_wait_through_the_injected_sleep(medwork: FakeRestLims) -> None:
 
     assert client.fetch_order("S-1").results == (GLU,)
     assert len(waits) == 2 and all(0 < wait <= 10.5 for wait in waits)
+
+
+def test_discovery_with_a_mapping_without_find_url_is_refused_naming_the_key(
+        medwork: FakeRestLims) -> None:
+    lis = lis_table(medwork, find_url=None, find_each=None, find=None)
+    config = config_with(lis, discovery={"enabled": True})
+    client = MappedClient(config.lis, sleep=no_sleep)
+    try:
+        [problem] = built_problems(config, client)
+    finally:
+        client.close()
+
+    assert problem.startswith('discovery.enabled: the "mapped" adapter, as configured, cannot '
+                              "search orders by patient")
+    with_find = config_with(lis_table(medwork), discovery={"enabled": True})
+    assert built_problems(with_find, MappedClient(with_find.lis, sleep=no_sleep)) == []

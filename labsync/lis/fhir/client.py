@@ -87,8 +87,11 @@ class FhirClient(OrderLookup, ChangeFeed, PdfSource):
                  clock: Callable[[], float] = time.monotonic) -> None:
         settings = fhir_settings(config.options)
         self.settings = settings
+        # (the key to fix, what it holds) when the server refuses the token, for `check`
+        self.credential: tuple[str, str] | None = None
         if settings.token:
             config = dataclasses.replace(config, auth="bearer", token=settings.token)
+            self.credential = ("lis.fhir.token", "Bearer token")
         self._http = HttpTransport(config, sleep=sleep, clock=clock)
         self._base = Base(config.base_url)
         self._rules = Rules(code_systems=settings.code_systems,

@@ -81,6 +81,14 @@ class MappedClient(OrderLookup, PdfSource, PatientSearch):
             return "lis.mapped.auth_value", "credential"
         return self._shared_credential
 
+    @property
+    def location(self) -> tuple[str, str] | None:
+        """(the key, where) this adapter reaches its LIS, for ``check``: the WSDL of a SOAP
+        LIS (its endpoint is the WSDL's); None for REST (``lis.base_url``)."""
+        if self.spec.transport == "soap" and self.spec.wsdl:
+            return "lis.mapped.wsdl", self.spec.wsdl
+        return None
+
     def disabled_capabilities(self) -> frozenset[Capability]:
         off = set()
         if not self.spec.has_pdf_source:
