@@ -406,3 +406,21 @@ def test_importing_the_config_loads_no_templates_tables_mail_or_adapters():
         f"from_mapping({minimal(api_key=KEY)!r}, env={{}})") == "[]"
     # The check sees such an import when there is one.
     assert "'labsync.mail'" in _loaded_above("import labsync.config, labsync.mail")
+
+
+def test_an_adapters_own_secret_headers_and_bare_tokens_are_redacted():
+    mapped = config_mod.from_mapping({
+        "database": {"url": "sqlite:////nonexistent/x.db"}, "pdf": {"dir": "/nonexistent/p"},
+        "lis": {"adapter": "mapped", "base_url": "https://lims.example/api",
+                "mapped": {"auth_header": "X-Lims-Token", "auth_value": "Token s3cr3t-abc",
+                           "order_url": "/r/{id}", "status": "state",
+                           "status_map": {"done": "completed"},
+                           "results": {"each": "tests[]", "value": "value"}}}}, env={})
+    fhir = config_mod.from_mapping({
+        "database": {"url": "sqlite:////nonexistent/x.db"}, "pdf": {"dir": "/nonexistent/p"},
+        "lis": {"adapter": "fhir", "base_url": "https://lis.example/fhir",
+                "fhir": {"token": "fhir-t0ken"}}}, env={})
+
+    assert "X-Lims-Token" in mapped.secret_headers()
+    assert {"Token s3cr3t-abc", "s3cr3t-abc"} <= set(mapped.secrets())
+    assert "Authorization" in fhir.secret_headers() and "fhir-t0ken" in fhir.secrets()

@@ -34,6 +34,9 @@ class AdapterSchema:
     needs_credentials: bool = True
     # The validated [lis.<name>] values → what the adapter is handed (default: read-only dict)
     build: Callable[[Mapping[str, Any]], Any] | None = None
+    # The HTTP headers the adapter puts its own secrets in, from its values (a Bearer token's
+    # Authorization, a mapping's auth_header), so the log redaction masks them by name too
+    secret_headers: Callable[[Mapping[str, Any]], list[str]] | None = None
 
     @property
     def section(self) -> Section:

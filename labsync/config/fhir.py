@@ -45,6 +45,7 @@ FHIR_SCHEMA = AdapterSchema(
     # The token is optional (a FHIR server inside the hospital network may want none), and a
     # credential in [lis] (lis.auth) still works as for any HTTP adapter.
     needs_credentials=False,
+    secret_headers=lambda values: ["Authorization"] if values.get("token") else [],
 )
 
 

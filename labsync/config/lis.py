@@ -131,10 +131,19 @@ class LisConfig:
         found = secret_strings(LIS, self)
         schema = adapter_schema(self.adapter)
         if schema is not None:
-            found += secret_strings(schema.section, self.options)
+            for value in secret_strings(schema.section, self.options):
+                found += [value, value.partition(" ")[2]]  # "Token abc": abc alone too
         for value in self.auth_headers().values():
             found += [value, value.partition(" ")[2]]  # "Basic <base64>": the base64 too
         return list(dict.fromkeys(s for s in found if s))
+
+    def secret_header_names(self) -> list[str]:
+        """The headers whose values are secret: the shared credential's, the adapter's own."""
+        names = list(self.auth_headers())
+        schema = adapter_schema(self.adapter)
+        if schema is not None and schema.secret_headers is not None:
+            names += schema.secret_headers(self.options)
+        return list(dict.fromkeys(names))
 
     @property
     def credential(self) -> tuple[str, str]:

@@ -87,7 +87,7 @@ class Config:
 
     def secret_headers(self) -> list[str]:
         """The names of the HTTP headers whose values are secret (``X-Api-Key``, say)."""
-        return list(self.lis.auth_headers())
+        return self.lis.secret_header_names()
 
 
 def config_path(explicit: str | None) -> Path:

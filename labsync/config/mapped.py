@@ -204,6 +204,7 @@ class _MappedSchema(AdapterSchema):
 
 MAPPED_SCHEMA = _MappedSchema(
     "mapped",
+    secret_headers=lambda values: [values["auth_header"]] if values.get("auth_header") else [],
     keys=(
         Key("transport", default="rest", choices=TRANSPORTS),
         Key("auth_header", nonempty=True, strip=True, check=_header_name),
