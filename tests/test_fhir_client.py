@@ -95,6 +95,19 @@ def test_an_order_is_asked_by_identifier_with_its_results_included_and_the_beare
         "_include:iterate": ["Observation:has-member"]}
 
 
+def test_the_answer_as_received_is_the_same_search_and_reads_as_fetch_order(fake):
+    _order(fake, "A,1", ("GLU", Num("5.40")), conclusion=f"sent with {TOKEN}")  # an echo
+    client = _client(fake)
+
+    answer = client.answer_as_received("A,1")
+
+    assert b'"5.40"' not in answer.body and b"5.40" in answer.body  # the literal, as sent
+    assert TOKEN.encode() not in answer.body and b"sent with ***" in answer.body
+    assert client.order_from_answer("A,1", answer) == client.fetch_order("A,1")
+    first, second = fake.requests
+    assert first.target == second.target and first.accept == "application/fhir+json"
+
+
 def test_observations_the_bundle_lacks_are_read_one_by_one(fake):
     fake.include = False
     _order(fake, "O-1", ("K", Num("4.10")), ("NA", Num("140")))

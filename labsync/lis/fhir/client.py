@@ -19,10 +19,12 @@ fetched, so the Bearer token never leaves the base. What the server sends is rea
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import Any, BinaryIO, NamedTuple, TypeVar, cast
+from urllib.parse import urlencode
 
 from labsync.config import LisConfig
 from labsync.config.fhir import fhir_settings
@@ -41,6 +43,7 @@ from labsync.lis.base import (
     OrderLookup,
     PdfSource,
 )
+from labsync.lis.body import JSON_MAX_BYTES, decode_json
 from labsync.lis.fhir.binary import BinarySink, json_allowance
 from labsync.lis.fhir.bundle import Resources, searchset
 from labsync.lis.fhir.elements import obj
@@ -72,6 +75,12 @@ INCLUDES = {"_include": "DiagnosticReport:result",
 # against a report that would otherwise cost thousands of requests.
 MAX_MISSING = 200
 EXPIRED_PAGE = (404, 410)  # a server's stored search (HAPI's paging) may be gone
+
+
+class RawAnswer(NamedTuple):
+    """A search Bundle as received, the token masked (``labsync try-order --raw``)."""
+
+    body: bytes
 
 
 class FhirClient(OrderLookup, ChangeFeed, PdfSource):
@@ -115,6 +124,24 @@ class FhirClient(OrderLookup, ChangeFeed, PdfSource):
         data = self._http.get_json("/DiagnosticReport", what=what, params={
             "identifier": self._identifier(external_id), **INCLUDES})
         return self._guarded(self._order_of, external_id, data, what)
+
+    def answer_as_received(self, external_id: str) -> RawAnswer:
+        """The order's search Bundle as the server sent it, the token masked, not yet read
+        (``labsync try-order --raw``); with ``order_from_answer`` it is ``fetch_order``."""
+        what = f"reports of order {excerpt(external_id)}"
+        quote_id(external_id)
+        query = urlencode({"identifier": self._identifier(external_id), **INCLUDES})
+        sink = io.BytesIO()
+        self._http.stream_to(f"/DiagnosticReport?{query}", sink, what=what,
+                             max_bytes=JSON_MAX_BYTES, accept="application/fhir+json")
+        text = sink.getvalue().decode("utf-8", "surrogateescape")
+        return RawAnswer(self._http.redact(text).encode("utf-8", "surrogateescape"))
+
+    def order_from_answer(self, external_id: str, answer: RawAnswer) -> LisOrder:
+        """The order of an ``answer_as_received``, read as ``fetch_order`` reads it."""
+        what = f"reports of order {excerpt(external_id)}"
+        return self._guarded(self._order_of, external_id, decode_json(answer.body, what=what),
+                             what)
 
     def _order_of(self, external_id: str, data: Any, what: str) -> LisOrder:
         page = searchset(data, what)
