@@ -181,3 +181,56 @@ def test_peak_rss_is_the_childs_own_not_the_benchmarks(tmp_path) -> None:
     assert measured["exit_code"] == 0
     assert measured["maxrss_wait4_mb"] >= 200  # what wait4 alone would have said
     assert 0 < measured["peak_rss_mb"] < 100
+
+
+@pytest.mark.mariadb
+def test_fhir_feed_benchmark_smoke_run_delivers_every_completed_order_once(mariadb: Db,
+                                                                          tmp_path):
+    """``bench.fhir_feed`` at a tiny size: both runs (feed, then order-by-order polling)
+    deliver every order the fake lab completed, exactly once, and the report has every
+    figure. Nothing about speed is asserted."""
+    out = tmp_path / "fhir.json"
+    before = _bench_databases()
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.fhir_feed", "--orders", "40", "--rate", "2",
+         "--duration", "3", "--feed-interval", "1s", "--sync-interval", "3s",
+         "--pdf-size", "20000", "--idle-sizes", "10,40", "--idle-reads", "3",
+         "--sim-warmup-days", "0", "--admin-url", MARIADB_ADMIN_URL, "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "goals (issue 13):" in finished.stdout and "simulated" in finished.stdout
+    report = json.loads(out.read_text())
+    for name, feed in (("feed", True), ("polling", False)):
+        run = report[name]
+        delivery, checked, window = run["delivery"], run["verify"], run["window"]
+        assert run["feed"] is feed and run["ok"]
+        assert run["labsync"]["exit_code"] == 0
+        assert delivery["completed_in_lis"] == run["driver"]["completed"] >= 4
+        assert delivery["delivered"] == delivery["completed_in_lis"]
+        assert delivery["not_delivered"] == 0
+        assert 0 <= delivery["delay_median_s"] <= delivery["delay_p95_s"]
+        assert checked["exactly_once"]
+        assert checked["completed"] == checked["ready_mails"] == checked["pdf_files"] \
+            == delivery["delivered"]
+        assert checked["result_rows"] == 10 * delivery["delivered"]
+        assert checked["duplicate_results"] == checked["other_mails"] == 0
+        assert checked["completed_not_in_lis"] == checked["completed_in_lis_missing"] == 0
+        assert window["pdf_requests"] == delivery["delivered"]  # one Binary read each
+        assert window["requests"]["observation"] == 0  # the searches include them
+        assert window["requests_per_delivered"] is not None
+        assert window["labsync_cpu_s"] >= 0 and run["warmup"]["s"] > 0
+    assert report["feed"]["window"]["requests"]["search"] == 0  # the feed brings it all
+    assert report["feed"]["window"]["requests"]["feed"] >= 1
+    assert report["polling"]["window"]["requests"]["feed"] == 0
+    assert report["polling"]["window"]["requests"]["search"] >= 40  # a pass asks them all
+    assert [i["pending_orders"] for i in report["idle"]] == [10, 40]
+    for idle in report["idle"]:
+        assert idle["first_read"]["applied"] == 1
+        assert idle["requests_per_read"] == {"median": 1, "min": 1, "max": 1}
+        assert idle["cpu_ms"]["median"] > 0
+    assert {g["name"] for g in report["goals"]} >= {"exactly once"}
+    assert all(isinstance(g["met"], bool) for g in report["goals"])
+    assert set(report["simulation"]) >= {"from_empty", "steady_state"}
+    assert _bench_databases() <= before  # the scratch database is dropped

@@ -331,6 +331,23 @@ def test_the_overlap_finds_a_report_committed_late_with_an_earlier_time(fake):
     assert again.cursor == cursor  # the cursor never moves back
 
 
+def test_the_whole_overlap_is_paged_through_when_it_holds_more_than_a_page(fake):
+    for i in range(30):  # a busy minute: 30 reports, 2 s apart, up to T0
+        _order(fake, f"BUSY-{i:02d}", ("GLU", "1"), at=T0 - timedelta(seconds=58 - 2 * i),
+               version="v1")
+    client = _client(fake, overlap="2m", page_size=5)
+    _, cursor, _ = _drain(client)
+    # Committed late, stamped 10 s before the newest change read: far past the first page
+    # of the overlap, which holds the 5 oldest reports of the minute.
+    _order(fake, "LATE-2", ("GLU", "2"), at=T0 - timedelta(seconds=10), version="v1")
+
+    orders, rested, pages = _drain(client, cursor)
+
+    assert [o.external_id for o in orders] == ["LATE-2"]
+    assert pages >= 6  # every page of the overlap was read
+    assert rested == cursor  # and the feed rests where it rested: the newest change
+
+
 def test_what_the_overlap_reads_again_at_an_applied_version_is_not_handed_out_again(fake):
     _order(fake, "OV-2", ("GLU", "1"), at=T0, version="v1")
     client = _client(fake, overlap="2m")

@@ -255,7 +255,10 @@ class FhirClient(OrderLookup, ChangeFeed, PdfSource):
             problems += problem
             if rid is not None and changed is not None and not problem:
                 handed.append((rid, version, floor_ms(changed)))
-        newest = max([t for t, _ in dated] + ([where.newest] if where else []), default=None)
+        # The newest change ever applied (where the feed rests at its end), and where the
+        # next read goes on from: this page's newest, which is older than the mark while
+        # the overlap of a read at rest is paged through (every page of it is read).
+        newest = max([t for t, _ in dated] + ([where.high] if where else []), default=None)
         if newest is None:  # nothing dated was ever read: no cursor yet
             if page.next_link is not None:
                 raise BadLisData(f"{what}: reports without meta.lastUpdated cannot be followed")
@@ -263,11 +266,14 @@ class FhirClient(OrderLookup, ChangeFeed, PdfSource):
         more = page.next_link is not None
         cursor = Cursor(newest)
         if page.next_link is not None:
-            at_newest = [rid or "" for t, rid in dated if t == newest]
-            if len({t for t, _ in dated}) > 1 and can_remember(at_newest):
-                cursor = Cursor(newest, CONTINUE, tuple(at_newest))
+            on_from = max((t for t, _ in dated), default=where.newest if where else newest)
+            at_on_from = [rid or "" for t, rid in dated if t == on_from]
+            if where is not None and where.reading_on and on_from == where.newest:
+                at_on_from = list(dict.fromkeys([*where.seen, *at_on_from]))
+            if len({t for t, _ in dated}) > 1 and can_remember(at_on_from):
+                cursor = Cursor(on_from, CONTINUE, tuple(at_on_from), mark=newest)
             else:  # one instant fills the page: only the server's own next page goes on
-                cursor = Cursor(newest, self._next_page(page.next_link, what))
+                cursor = Cursor(on_from, self._next_page(page.next_link, what), mark=newest)
         text = cursor.encode()
         self._recent.handed_out(text, handed, newest)
         return FeedPage(tuple(orders), text, more=more, problems=tuple(problems))

@@ -76,19 +76,32 @@ class Cursor:
     ``next_page``: "" at rest; ``CONTINUE`` to read on from ``newest``, passing over the
     reports of ``seen`` (ids of those read already at exactly that instant); or the path of
     the server's next page.
+
+    ``mark``: while reading on through the overlap of a read at rest, the pages are older
+    than the newest change ever applied; ``newest`` is where reading goes on (the newest
+    change of the last page), ``mark`` the newest change ever applied, where the feed rests
+    once it is read to its end. None when it is ``newest`` itself.
     """
 
     newest: datetime  # aware
     next_page: str = ""
     seen: tuple[str, ...] = ()
+    mark: datetime | None = None
 
     @property
     def reading_on(self) -> bool:
         return self.next_page == CONTINUE
 
+    @property
+    def high(self) -> datetime:
+        """The newest change ever applied."""
+        return self.mark if self.mark is not None and self.mark > self.newest else self.newest
+
     def encode(self) -> str:
         step = CONTINUE + ",".join(self.seen) if self.reading_on else self.next_page
         text = f"{CURSOR_PREFIX};{instant_text(self.newest)};{step}"
+        if self.mark is not None and self.mark > self.newest:
+            text += f";{instant_text(self.mark)}"
         if len(text) > MAX_CURSOR:
             raise BadLisData("change feed: the server's next-page link is too long to keep "
                              f"as a cursor ({len(text)} characters)")
@@ -99,16 +112,19 @@ class Cursor:
         """A cursor this adapter made; ``PermanentLisError`` for any other text."""
         prefix, _, rest = text.partition(";")
         moment, _, step = rest.partition(";")
+        step, _, high = step.rpartition(";") if step.count(";") else (step, "", "")
         try:
             newest = datetime.fromisoformat(moment) if prefix == CURSOR_PREFIX else None
+            mark = datetime.fromisoformat(high) if high else None
         except ValueError:
-            newest = None
-        if newest is None or newest.utcoffset() is None or (step and step[0] not in "/?+"):
+            newest = mark = None
+        if newest is None or newest.utcoffset() is None or (step and step[0] not in "/?+") \
+                or (high and (mark is None or mark.utcoffset() is None)):
             raise PermanentLisError(f"change feed: {excerpt(text)[:60]!r} is not a cursor of "
                                     "the FHIR adapter")
         if step.startswith(CONTINUE):
-            return cls(newest, CONTINUE, tuple(i for i in step[1:].split(",") if i))
-        return cls(newest, step)
+            return cls(newest, CONTINUE, tuple(i for i in step[1:].split(",") if i), mark)
+        return cls(newest, step, mark=mark)
 
 
 def can_remember(ids: list[str]) -> bool:
