@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -87,6 +88,16 @@ def check_wiring(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def client_options(config: Config, stop: threading.Event | None = None) -> dict[str, Any]:
+    """What the wiring offers the adapter beside its ``[lis]`` section (``make_client``
+    hands each on only to an adapter that takes it)."""
+    options: dict[str, Any] = {"zone": config.site.timezone,
+                               "pdf_max_bytes": config.pdf.max_bytes}
+    if stop is not None:
+        options["sleep"] = interruptible_sleep(stop)
+    return options
+
+
 def built_problems(config: Config, lis: LisClient) -> list[str]:
     """What the configured adapter, as its own section set it up, cannot do of what the
     config asks: ``check_wiring`` reads the class, this the built adapter (a mapped LIS
@@ -116,10 +127,7 @@ def open_app(config: Config, *, lis: LisClient | None = None,
         verify_tables(engine)
         fitter = detect_text_fitter(engine)
         if client is None:
-            options = {}
-            if stop is not None:
-                options["sleep"] = interruptible_sleep(stop)
-            client = make_client(config.lis, **options)
+            client = make_client(config.lis, **client_options(config, stop))
             problems = built_problems(config, client)
             if problems:
                 raise ConfigError(problems)

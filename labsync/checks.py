@@ -22,7 +22,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from labsync import logs
-from labsync.app import built_problems
+from labsync.app import built_problems, client_options
 from labsync.config import Config
 from labsync.errors import ConfigError, LisAuthError, LisError
 from labsync.lis.base import capabilities
@@ -145,11 +145,21 @@ def _check_mail_templates(config: Config, report: CheckReport) -> None:
 
 
 def _check_lis(config: Config, report: CheckReport) -> None:
-    client = make_client(config.lis)
+    client = make_client(config.lis, **client_options(config))
     can = sorted(c.label for c in capabilities(client))
     report.add(OK, f'adapter "{config.lis.adapter}" can: {", ".join(can)}')
     for problem in built_problems(config, client):
         report.add(PROBLEM, problem)
+    own_checks = getattr(client, "check_lines", None)
+    if own_checks is not None:
+        # An adapter that reaches no remote LIS (HL7's folders and port) says what it
+        # checked, one (verdict, text) line each, instead of the probe below.
+        try:
+            for verdict, text in own_checks():
+                report.add(verdict, text)
+        finally:
+            client.close()
+        return
     # An adapter with keys of its own says which one holds its credential (``credential``:
     # lis.fhir.token, lis.mapped.auth_value) and where it reaches its LIS (``location``: a
     # SOAP endpoint from the WSDL, an HL7 drop folder), as (key, text); else the [lis] keys.

@@ -46,7 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from labsync import sdnotify
 from labsync.app import App
-from labsync.errors import StoreError
+from labsync.errors import LisError, StoreError
 from labsync.mail import outbox
 from labsync.store.orders import PENDING
 from labsync.store.tables import b_event, labsync_orders, labsync_passes, local_lab_orders
@@ -57,10 +57,12 @@ log = structlog.get_logger("labsync.daemon")
 HOUSEKEEPING_EVERY = timedelta(hours=1)
 TAKEOVER_EVERY = timedelta(seconds=10)
 INBOX_EVERY = timedelta(seconds=2)  # an inbox is on local disk: draining an empty one is cheap
+INBOX_MARGIN = 0.25  # seconds: the inbox job ends this long before its next run is due
 FEED_EVERY = timedelta(seconds=30)  # unless the adapter says (ChangeFeed.feed_interval)
 MAIL_EVERY = timedelta(minutes=1)
 KEEP_PASSES = timedelta(days=90)
 FORCED_EXIT = 130
+START_FAILED = 75  # EX_TEMPFAIL: the adapter could not start its own work (a port taken)
 
 
 def job_defaults(interval: float) -> dict[str, Any]:
@@ -96,7 +98,7 @@ class Daemon:
             seconds=self.interval, timezone=UTC), id="sync", name="sync", next_run_time=now)
         pushed = self.app.sync.pushed
         if pushed.has_inbox:
-            self.scheduler.add_job(self._job("inbox", lambda: pushed.drain_inbox(self.stop)),
+            self.scheduler.add_job(self._job("inbox", self.inbox_job),
                                    IntervalTrigger(seconds=INBOX_EVERY.total_seconds(),
                                                    timezone=UTC),
                                    id="inbox", name="inbox", next_run_time=now)
@@ -129,6 +131,22 @@ class Daemon:
             self.scheduler.add_job(self._job("watchdog", lambda: self.watchdog_job(watchdog)),
                                    IntervalTrigger(seconds=max(watchdog / 2, 1), timezone=UTC),
                                    id="watchdog", name="watchdog", next_run_time=now)
+
+    def inbox_job(self) -> None:
+        """Drain the inbox; then, until just before the next tick, drain again as soon as a
+        message arrives, when the adapter can say so (``wait_for_arrival``: HL7's MLLP
+        listener). A pushed result is applied within milliseconds, not at the next tick,
+        and the job still ends before its next run is due (never two at once)."""
+        pushed = self.app.sync.pushed
+        until = time.monotonic() + INBOX_EVERY.total_seconds() - INBOX_MARGIN
+        pushed.drain_inbox(self.stop)
+        wait = getattr(self.app.lis, "wait_for_arrival", None)
+        while wait is not None and not self.stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            if wait(left):
+                pushed.drain_inbox(self.stop)
 
     def _job(self, name: str, work: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:
@@ -208,7 +226,13 @@ class Daemon:
         """Start-up checks, READY=1, the schedule until a signal; returns the exit status."""
         self._install_signals()
         self.add_jobs()
-        self.app.lis.start()  # an adapter's own listener (HL7 MLLP); stopped by its close()
+        try:
+            self.app.lis.start()  # an adapter's own listener (HL7 MLLP); stopped by close()
+        except LisError as exc:
+            # A port taken (another instance still stopping): systemd retries a start that
+            # exits EX_TEMPFAIL, and stops retrying a config error (exit 2).
+            log.error("daemon.adapter_not_started", error=str(exc))
+            return START_FAILED
         self.app.metrics.start()
         sdnotify.notify(f"READY=1\nSTATUS=polling every {self.interval:g} s", self.env)
         log.info("daemon.started", interval_s=self.interval, pid=os.getpid())

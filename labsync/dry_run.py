@@ -33,6 +33,7 @@ from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from labsync import planner
+from labsync.app import client_options
 from labsync.clock import site_time, utc_now
 from labsync.config import Config
 from labsync.errors import LisError, PdfError, PdfNotReady
@@ -83,7 +84,7 @@ def try_order(config: Config, external_id: str, *, raw: bool = False,
     """Print what labsync would write for ``external_id``; return the exit status."""
     out = out or sys.stdout
     redactor = Redactor(config.secrets(), config.secret_headers())
-    client = make_client(config.lis)
+    client = make_client(config.lis, **client_options(config))
     try:
         report = _try(config, client, external_id, raw=raw, now=now())
     finally:

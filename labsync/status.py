@@ -104,12 +104,13 @@ def _status(config: Config, engine: Engine) -> dict[str, Any]:
 def _inbox(config: Config, ask: Callable[[Any], Any]) -> Any:
     """``ask(adapter)`` when the configured adapter has an inbox (it is read from disk,
     nothing is reached), else None."""
+    from labsync.app import client_options
     from labsync.lis.base import Capability
     from labsync.lis.registry import adapter_capabilities, make_client
 
     if Capability.INBOX not in adapter_capabilities(config.lis.adapter):
         return None
-    adapter = make_client(config.lis)
+    adapter = make_client(config.lis, **client_options(config))
     try:
         return ask(adapter)
     finally:

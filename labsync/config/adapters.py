@@ -74,6 +74,11 @@ from labsync.config.fhir import FHIR_SCHEMA  # noqa: E402 - needs AdapterSchema 
 
 register_adapter(FHIR_SCHEMA)
 
+# HL7 v2 (issue 14): a drop folder and an MLLP listener; its [lis.hl7] keys are in hl7.py.
+from labsync.config.hl7 import HL7  # noqa: E402 - needs AdapterSchema above
+
+register_adapter(HL7)
+
 # Any REST or SOAP LIS by configuration (issue 15): its [lis.mapped] keys are in mapped.py.
 from labsync.config.mapped import MAPPED_SCHEMA  # noqa: E402 - needs AdapterSchema above
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 _ADAPTERS: dict[str, str] = {
     "qlab": "labsync.lis.qlab:QlabClient",
     "fhir": "labsync.lis.fhir:FhirClient",
+    "hl7": "labsync.lis.hl7:Hl7Inbox",
     "mapped": "labsync.lis.mapped:MappedClient",
 }
 
@@ -24,10 +26,15 @@ def adapter_names() -> list[str]:
 def make_client(config: LisConfig, **options: Any) -> LisClient:
     """The configured adapter. ``config.adapter`` was validated against ``adapter_names()``.
 
-    ``options`` go to the adapter's constructor; every adapter takes ``sleep`` (the function
-    its retry waits use, so a stopping daemon can cut them short).
+    ``options`` go to the adapter's constructor, each only if the constructor takes it:
+    every adapter takes ``sleep`` (the function its retry waits use, so a stopping daemon
+    can cut them short); the wiring also offers what lives outside ``[lis]`` and some
+    adapter may need (``zone``: the site's time zone; ``pdf_max_bytes``: ``pdf.max_bytes``).
     """
-    return adapter_class(config.adapter)(config, **options)  # type: ignore[call-arg]
+    cls = adapter_class(config.adapter)
+    accepted = inspect.signature(cls.__init__).parameters
+    taken = {name: value for name, value in options.items() if name in accepted}
+    return cls(config, **taken)  # type: ignore[call-arg]
 
 
 def adapter_class(name: str) -> type[LisClient]:
