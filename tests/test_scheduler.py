@@ -8,6 +8,7 @@ The jobs are the daemon's own (its wrapper, its defaults), around a stand-in pas
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -251,3 +252,27 @@ def test_the_feed_job_runs_at_the_adapters_feed_interval(clock):
 
     assert d.scheduler.get_job("feed").trigger.interval == timedelta(seconds=7)
     assert d.scheduler.get_job("inbox") is None
+
+
+def test_an_adapter_that_cannot_start_its_listener_exits_75_for_systemd_to_retry(clock):
+    from labsync.errors import PermanentLisError
+
+    class Busy:
+        def start(self):
+            raise PermanentLisError("lis.hl7.listen: cannot listen on 127.0.0.1:2575: in use")
+
+    started = []
+    app = SimpleNamespace(
+        config=SimpleNamespace(sync=SimpleNamespace(interval=INTERVAL, stop_timeout=5),
+                               discovery=SimpleNamespace(enabled=False)),
+        sync=_Pass(), mail=None, lis=Busy(),
+        metrics=SimpleNamespace(enabled=False, start=lambda: started.append("metrics")),
+    )
+    d = Daemon(app, env={}, scheduler_class=BackgroundScheduler)  # type: ignore[arg-type]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert d.run() == 75
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert started == [] and not d.scheduler.running

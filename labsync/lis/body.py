@@ -39,6 +39,18 @@ class JsonNumber(str):
     __slots__ = ()
 
 
+def json_kind(value: Any) -> str:
+    """A JSON type name for messages; the value itself may be large or hostile."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, JsonNumber):
+        return "a number"
+    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_body(response: requests.Response, what: str, max_bytes: int, *,
               deadline: float | None = None, clock: Clock = time.monotonic) -> Iterator[bytes]:
     """The body in chunks of up to 64 KiB, refused past ``max_bytes`` without reading on.

@@ -17,6 +17,7 @@ from labsync.config import LisConfig
 from labsync.errors import BadLisData, PdfNotReady, UnknownOrder
 from labsync.lis.base import OrderLookup, OrderPlacement, PatientSearch, PdfSource
 from labsync.lis.body import JSON_MAX_BYTES, decode_json
+from labsync.lis.body import json_kind as _kind
 from labsync.lis.http import HttpTransport, JsonNumber, excerpt, quote_id
 from labsync.model import (
     BY_ORDER,
@@ -224,18 +225,6 @@ def _object(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadLisData(f"{where}: expected a JSON object, got {_kind(data)}")
     return data
-
-
-def _kind(value: Any) -> str:
-    """A JSON type name for messages; the value itself may be large or hostile."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, JsonNumber):
-        return "a number"
-    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _text(value: str, where: str) -> str:

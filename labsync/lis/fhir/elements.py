@@ -14,24 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from labsync.errors import BadLisData
+from labsync.lis.body import json_kind as kind
 from labsync.lis.http import JsonNumber, excerpt
 
 # A FHIR dateTime: a year, a year-month, a date, or a date and time (with an offset, FHIR
 # says; without one labsync reads it as site time, as for QLAB).
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?$")
 _COMPARATORS = ("<", "<=", ">=", ">")
-
-
-def kind(value: Any) -> str:
-    """A JSON type name for messages; the value itself may be large or hostile."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, JsonNumber):
-        return "a number"
-    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
 
 
 def obj(value: Any, where: str) -> dict[str, Any]:
