@@ -124,6 +124,20 @@ def test_unusual_delimiters_are_read_from_msh_2() -> None:
     assert header.kind == ("ORU", "R01") and header.control_id == "C9"
 
 
+@pytest.mark.parametrize("msh", [
+    b"MSH|  4|LAB|FAC|||20240514||ORU^R01|C1|P|2.5",  # found by the fuzz test (CI, stop 17)
+    b"MSH|^^\\&|LAB|FAC|||20240514||ORU^R01|C1|P|2.5",
+    b"MSH|&|LAB|FAC|||20240514||ORU^R01|C1|P|2.5",  # the default sub-component separator twice
+    b"MSH|^~A&|LAB|FAC|||20240514||ORU^R01|C1|P|2.5",
+    b"MSH|^~\x01&|LAB|FAC|||20240514||ORU^R01|C1|P|2.5",
+])
+def test_separators_that_cannot_split_a_message_are_a_problem_on_msh_2(msh: bytes) -> None:
+    with pytest.raises(MessageProblem, match="MSH-") as caught:
+        parse_message(msh + b"\rOBX|1|ST|X||1\r", "utf-8")
+
+    assert caught.value.code == "102" and caught.value.where == "MSH^1^2"
+
+
 # -- charsets ----------------------------------------------------------------------------------
 
 

@@ -126,12 +126,17 @@ def read_header(message: bytes, default_codec: str) -> Header:
                              code="100", where="MSH^1")
     end = message.find(b"\r")
     msh = message if end < 0 else message[:end]
-    field_sep = chr(msh[3])
-    if field_sep.isalnum() or field_sep.isspace():
+    field_sep = chr(msh[3]) if len(msh) > 3 else ""
+    if not field_sep or field_sep.isalnum() or field_sep.isspace() or not field_sep.isprintable():
         raise MessageProblem("MSH: no field separator after MSH", code="100", where="MSH^1")
     # Latin-1 first: MSH-18 is ASCII in every set labsync reads, the rest is decoded after.
     loose = msh.decode("latin-1").split(field_sep)
+    if len(loose) < 3:  # python-hl7 would look for the end of MSH-2 in the next segments
+        raise MessageProblem("MSH: MSH-2 is not followed by a field separator", code="100",
+                             where="MSH^1^2")
     delims = Delimiters.from_msh(field_sep, loose[1] if len(loose) > 1 else "")
+    if (clash := delims.clash()) is not None:
+        raise MessageProblem(clash, code="102", where="MSH^1^2")
     charset = _field(loose, 18).split(delims.repetition)[0] if delims.repetition else _field(
         loose, 18)
     loose_header = Header(delims, "latin-1", *(_field(loose, n) for n in _HEADER_FIELDS))

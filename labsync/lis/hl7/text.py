@@ -94,6 +94,18 @@ class Delimiters:
         pick = [c if c not in ("\0", field) else "" for c in chars[:5]]
         return cls(field, pick[0] or "^", pick[1] or "~", pick[2], pick[3] or "&", pick[4])
 
+    def clash(self) -> str | None:
+        """Why these separators cannot split a message (two the same, a letter, a digit or
+        white space among them), or None."""
+        chars = [c for c in (self.field, self.component, self.repetition, self.escape,
+                             self.subcomponent, self.truncation) if c]
+        odd = [c for c in chars if c.isalnum() or c.isspace() or not c.isprintable()]
+        if odd:
+            return f"MSH-2: {odd[0]!r} cannot be a separator"
+        if len(set(chars)) < len(chars):
+            return f"MSH-1/MSH-2: a separator is used twice ({''.join(chars)!r})"
+        return None
+
     def escaped(self, text: str) -> str:
         """``text`` with the delimiters escaped, for a field labsync writes (an ACK's reason)."""
         if not self.escape:
