@@ -5,19 +5,21 @@
 Measures, on a scratch MariaDB database (``bench/scratch.py``) and a folder in a temporary
 directory, with the senders in a child process (the LIS is another program):
 
-- **latency**: one connection sending at 1 and at 50 messages a second; for each message
-  the time from its send (≈ receipt) to the commit that wrote its rows (``done()`` follows
-  that commit), median and p95. The engine drains as soon as a message arrives
-  (``Hl7Inbox.wait_for_arrival``), and, for comparison, on a 2-second tick as the daemon's
-  ``inbox`` job does today.
+- **latency**: one connection sending at 1 and at 50 messages a second to a real
+  ``labsync run`` (a child process with its own config file, as systemd runs it); for each
+  message the time from its send (≈ receipt) until a poll of the site's table, every 5 ms,
+  sees its order completed: median and p95 (the poll adds up to 5 ms). In-process too, for
+  comparison: the time to the commit (``done()`` follows it), the engine draining as soon
+  as a message arrives (``Hl7Inbox.wait_for_arrival``) or on a 2-second tick.
 - **throughput**: 1 and 8 connections sending back to back for ``--seconds``: messages
   acknowledged per second and applied per second, beside the floor measured in the same
   run: a bare MLLP server that writes and fsyncs each message (no grouping) before it acks.
 - **memory**: ``--memory-messages`` (100,000) through the listener and the inbox (taken and
   done, no database), RSS and the backlog (messages waiting) sampled every 10,000 done.
 
-Each message is an ORU^R01 of one order with five results, about 1 KB, for a distinct order
-of the site's. Nothing is asserted; ``--json`` writes the figures.
+Each message is an ORU^R01 of one order with five results, 460 bytes, for a distinct order
+of the site's (no PDF: ``pdf.required = false``). Nothing is asserted; ``--json`` writes the
+figures.
 """
 
 from __future__ import annotations
@@ -255,6 +257,78 @@ class Labsync:
         self._app.__exit__(None, None, None)
 
 
+def daemon_latency(db_url: str, engine: Any, workdir: Path, *, rate: float, seconds: float,
+                   first: int) -> dict[str, Any]:
+    """Latency through ``labsync run``: messages in over MLLP, their orders seen completed
+    in the site's table by a poll every 5 ms."""
+    from sqlalchemy import text
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = workdir / f"daemon-{first}"
+    folder.mkdir()
+    config = folder / "labsync.toml"
+    config.write_text(
+        f'[database]\nurl = "{db_url}"\n[site]\ntimezone = "Europe/Moscow"\n'
+        f'[lis]\nadapter = "hl7"\n[lis.hl7]\ndrop_dir = "{folder / "hl7"}"\n'
+        f'listen = "127.0.0.1:{port}"\n[pdf]\ndir = "{folder / "pdfs"}"\nrequired = false\n'
+        f'[notify]\nsite_id = "s1"\n[sync]\nrecheck_days = 0\n', encoding="utf-8")
+    with open(folder / "labsync.log", "wb") as out:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "labsync.cli", "--config", str(config), "run"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        _wait_for_port(port, daemon)
+        seen: dict[int, float] = {}
+        stop = threading.Event()
+        count = int(rate * seconds)
+
+        def poll() -> None:
+            query = text("SELECT ID FROM local_lab_orders WHERE ID BETWEEN :lo AND :hi "
+                         "AND STATUS = 'completed'")
+            with engine.connect() as conn:
+                while not stop.is_set():
+                    at = time.monotonic()
+                    for (order_id,) in conn.execute(query, {"lo": first,
+                                                            "hi": first + count}):
+                        seen.setdefault(order_id, at)
+                    conn.commit()
+                    stop.wait(0.005)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        tag = f"D{int(rate)}"
+        sent = run_sender(port, tag=tag, connections=1, rate=rate, count=count, first=first)
+        deadline = time.monotonic() + 60
+        while len(seen) < sent["acked"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        poller.join(5)
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    lat = [seen[int(name.rsplit("-", 1)[1])] - at for name, at in sent["sent"].items()
+           if int(name.rsplit("-", 1)[1]) in seen]
+    return {"rate": rate, "messages": sent["acked"], "completed": len(lat),
+            "through": "labsync run", "median_ms": round(statistics.median(lat) * 1000, 1),
+            "p95_ms": round(quantile(lat, 0.95) * 1000, 1), "max_ms": round(max(lat) * 1000, 1),
+            "daemon_exit": daemon.returncode}
+
+
+def _wait_for_port(port: int, daemon: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"labsync run exited with {daemon.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"labsync run did not listen on port {port} within {timeout:g} s")
+
+
 def site_config(db_url: str, workdir: Path) -> Any:
     from labsync import config as config_mod
 
@@ -426,6 +500,14 @@ def main() -> None:
 
                 if args.mode in ("all", "latency"):
                     figures["latency"] = []
+                    db_url = engine.url.render_as_string(hide_password=False)
+                    for rate in (1, 50):
+                        seconds = 30 if rate == 1 else args.seconds
+                        log(f"latency at {rate}/s through labsync run")
+                        figures["latency"].append(daemon_latency(
+                            db_url, engine, workdir, rate=rate, seconds=seconds,
+                            first=block(int(rate * seconds) + 100)))
+                        log(json.dumps(figures["latency"][-1]))
                     for rate, drain_every in ((1, None), (50, None), (50, 2.0)):
                         seconds = 30 if rate == 1 else args.seconds
                         log(f"latency at {rate}/s, drain {drain_every or 'on arrival'}")

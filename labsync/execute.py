@@ -48,7 +48,7 @@ class Completion:
 
     order: orders.PendingOrder
     lis_order: LisOrder
-    pdf: StagedPdf
+    pdf: StagedPdf | None  # None: the answer carries no form (the planner decides)
 
 
 @dataclass(slots=True)
@@ -58,6 +58,7 @@ class _Done:
     order: orders.PendingOrder
     plan: Plan
     applied: Applied
+    seen_exists: bool = False  # the order has a labsync_versions row already
 
 
 class Executor:
@@ -96,18 +97,22 @@ class Executor:
 
     def _local(self, conn: Connection, order: orders.PendingOrder,
                current: orders.PendingOrder | None, state: Any, stored: int,
-               lis_order: LisOrder) -> Local:
+               lis_order: LisOrder, seen: dict[int, Any] | None = None) -> Local:
+        """What the planner needs of the order; ``seen``: its ``labsync_versions`` rows read
+        already, for a batch."""
         rows = orders.stored_results(conn, order.id) if stored and current is not None else []
-        return Local(order, current, state, rows, self._seen(conn, order.id, lis_order),
-                     self.owner)
+        if not self._versions_matter(lis_order):
+            applied = None
+        else:
+            row = versions.get(conn, order.id) if seen is None else seen.get(order.id)
+            applied = None if row is None else Seen(row.CHANGED_AT, row.VERSION,
+                                                     row.PDF_WAIT_SINCE)
+        return Local(order, current, state, rows, applied, self.owner)
 
-    def _seen(self, conn: Connection, order_id: int, lis_order: LisOrder) -> Seen | None:
-        """What was applied of the LIS's versions, read only when it can matter."""
+    def _versions_matter(self, lis_order: LisOrder) -> bool:
+        """What was applied of the LIS's versions is read only when it can matter."""
         waits = not self.policy.pdf_required and self.policy.pdf_wait.total_seconds() > 0
-        if lis_order.changed_at is None and lis_order.version is None and not waits:
-            return None
-        row = versions.get(conn, order_id)
-        return None if row is None else Seen(row.CHANGED_AT, row.VERSION, row.PDF_WAIT_SINCE)
+        return lis_order.changed_at is not None or lis_order.version is not None or waits
 
     def _carry_out(self, conn: Connection, local: Local, result: Plan, now: datetime, *,
                    log_now: bool) -> Applied:
@@ -187,33 +192,39 @@ class Executor:
         result rows, one for their statuses and one for their bookkeeping. Their mails are
         one INSERT too where the database returns each row's ID (``orders_ready``).
 
-        The pass batches only orders with no result rows of labsync's; one that turns out to
-        have rows (an older agent's) or no bookkeeping row yet, or whose plan is anything
-        but a plain completion, is written on its own, in this same transaction. Log lines
-        are returned in ``Applied.lines`` for the caller to write once it has committed.
+        The batch holds distinct orders with no result rows of labsync's; one that turns
+        out to have rows (an older agent's), or no bookkeeping row yet where the database
+        cannot upsert it, or whose plan is anything but a plain completion, is written on
+        its own, in this same transaction. Log lines are returned in ``Applied.lines`` for
+        the caller to write once it has committed.
         """
         locked = orders.lock_orders(conn, [c.order.id for c in batch])
+        ids = [c.order.id for c in batch if self._versions_matter(c.lis_order)]
+        seen = versions.get_many(conn, ids) if ids else {}
+        new_rows = bookkeeping.upserts(conn.dialect.name)
         outcomes: list[Applied] = []
         done: list[_Done] = []
         for c in batch:
             current, state, stored = locked.get(c.order.id) or (None, None, 0)
-            local = self._local(conn, c.order, current, state, stored, c.lis_order)
+            local = self._local(conn, c.order, current, state, stored, c.lis_order, seen)
             result = planner.plan(local, Answer(c.lis_order, c.pdf), now, self.policy)
-            if (stored or state is None or result.outcome != "completed" or result.admin_log
-                    or result.seen is not None or result.rows.update or result.rows.delete):
+            if (stored or (state is None and not new_rows) or result.outcome != "completed"
+                    or result.admin_log or result.rows.update or result.rows.delete):
                 outcomes.append(self._carry_out(conn, local, result, now, log_now=False))
                 continue
             if result.publish is not None:
                 self.pdfs.publish(result.publish)
             applied = Applied("completed", notes=result.notes)
             outcomes.append(applied)
-            done.append(_Done(c.order, result, applied))
+            done.append(_Done(c.order, result, applied, local.seen is not None))
         now_site = self.site_time(now)
         self._notify_all(conn, [d for d in done if d.plan.mail is not None], now, now_site)
         orders.insert_results(conn, [{**row, "ORDER_ID": d.order.id}
                                      for d in done for row in d.plan.rows.insert])
         orders.mark_completed(conn, [d.order.id for d in done], now_site)
         bookkeeping.save_states(conn, [(d.order, d.plan.state) for d in done], now)
+        versions.save_many(conn, [(d.order.id, d.seen_exists, d.plan.seen) for d in done
+                                  if d.plan.seen is not None])
         for d in done:
             self._lines(d.plan.lines, d.applied, d.order, log_now=False)
         return outcomes

@@ -19,10 +19,10 @@ matched to the site's with one indexed lookup.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, time, timedelta
-from functools import partial
 from typing import Any
 
 import structlog
@@ -31,22 +31,25 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from labsync.clock import utc_naive
 from labsync.errors import LabsyncError, LisError, StoreError
-from labsync.execute import Applied, Executor
+from labsync.execute import Applied, Completion, Executor
 from labsync.lis.base import (
     Capability,
     ChangeFeed,
     Delivery,
     FeedProblem,
+    Hold,
     Inbox,
     capabilities,
 )
-from labsync.model import LisOrder
+from labsync.model import LisOrder, OrderStatus
 from labsync.observe import Observation, Observer
 from labsync.store import cursors, deliveries, orders, versions
 from labsync.store.db import describe_failure, order_error
 from labsync.store.tx import run_tx
 
 log = structlog.get_logger("labsync.sources")
+
+BATCH = 100  # inbox deliveries applied in one transaction, at most
 
 
 @dataclass
@@ -110,13 +113,20 @@ class PushedAnswers:
             if page.problems:
                 self._feed_problems(page.problems, summary)
             next_cursor = page.cursor if page.cursor is not None else cursor
-            self._apply(page.orders, summary, partial(
-                cursors.save, name=self.feed_name, cursor=next_cursor, now=self.now()))
+            self._apply(page.orders, summary, self._save_cursor(next_cursor))
             cursor = next_cursor
             if not page.more:
                 break
         log.info("feed.read", **summary.as_dict())
         return summary
+
+    def _save_cursor(self, cursor: str | None) -> Callable[[Connection, Mapping[str, str]],
+                                                             None]:
+        """Where the page's transaction leaves the feed: its cursor, whatever failed (a failed
+        order has its failure recorded and is asked again by id)."""
+        def save(conn: Connection, _failed: Mapping[str, str]) -> None:
+            cursors.save(conn, name=self.feed_name, cursor=cursor, now=self.now())
+        return save
 
     def _feed_problems(self, problems: Sequence[FeedProblem], summary: SourceSummary) -> None:
         """Entries the adapter could not read: each logged, and recorded as a failure of the
@@ -146,58 +156,99 @@ class PushedAnswers:
     # -- the inbox ---------------------------------------------------------------------------
 
     def drain_inbox(self, stop: threading.Event | None = None) -> SourceSummary:
-        """Apply every delivery the inbox holds now (or until ``stop``)."""
+        """Apply every delivery the inbox holds now (or until ``stop``), up to ``BATCH`` of
+        them in one transaction."""
         stop = stop or threading.Event()
         summary = SourceSummary()
         if not self.has_inbox:
             return summary
         inbox: Inbox = self.lis
+        carry: Delivery | None = None
         while not stop.is_set():
-            delivery = inbox.take()
-            if delivery is None:
+            batch, carry = _take_batch(inbox, carry)
+            if not batch:
                 break
-            summary.pages += 1
-            with structlog.contextvars.bound_contextvars(delivery=delivery.id):
-                try:
-                    self._delivery(inbox, delivery, summary)
-                except (StoreError, SQLAlchemyError):
-                    inbox.release(delivery, "the database is unavailable")
-                    raise
+            summary.pages += len(batch)
+            open_ = {d.id: d for d in batch}
+            try:
+                self._deliveries(inbox, batch, open_, summary)
+            except (StoreError, SQLAlchemyError):
+                for delivery in [*open_.values(), *([carry] if carry else [])]:
+                    inbox.release(delivery, "the database is unavailable", Hold.UNAVAILABLE)
+                raise
+            if carry is None and len(batch) < BATCH:
+                break  # the inbox said it has no more (take() returned None)
+        if carry is not None:  # stopped: it waits for the next drain
+            inbox.release(carry, "the drain was stopped", Hold.UNAVAILABLE)
         if summary.pages:
             log.info("inbox.drained", **summary.as_dict())
         return summary
 
-    def _delivery(self, inbox: Inbox, delivery: Delivery, summary: SourceSummary) -> None:
-        if delivery.problem:
-            log.warning("inbox.refused", reason=delivery.problem)
-            inbox.failed(delivery, delivery.problem)
-            summary.failed += 1
+    def _deliveries(self, inbox: Inbox, batch: Sequence[Delivery], open_: dict[str, Delivery],
+                    summary: SourceSummary) -> None:
+        """One batch: refused ones failed, ones applied before marked done, ones for orders
+        the site lacks released; the rest applied and marked in one transaction, then done
+        (or failed, with the reason, when one of their orders could not be applied)."""
+
+        def finish(delivery: Delivery, reason: str | None = None) -> None:
+            if reason is None:
+                inbox.done(delivery)
+            else:
+                inbox.failed(delivery, reason)
+            open_.pop(delivery.id, None)
+
+        readable = []
+        for delivery in batch:
+            if delivery.problem:
+                log.warning("inbox.refused", delivery=delivery.id, reason=delivery.problem)
+                finish(delivery, delivery.problem)
+                summary.failed += 1
+            else:
+                readable.append(delivery)
+        if not readable:
             return
-        if run_tx(self.engine, lambda conn: deliveries.applied(conn, delivery.id)):
-            inbox.done(delivery)  # applied before a crash kept it from being marked done
-            summary.duplicates += 1
+        named = {o.external_id for d in readable for o in d.orders}
+        applied, known = run_tx(self.engine, lambda conn: (
+            deliveries.applied(conn, [d.id for d in readable]),
+            orders.known_external_ids(conn, named)))
+        fresh = []
+        for delivery in readable:
+            missing = sorted({o.external_id for o in delivery.orders} - known)
+            if delivery.id in applied:
+                finish(delivery)  # applied before a crash kept it from being marked done
+                summary.duplicates += 1
+            elif missing:
+                reason = f"order {', '.join(missing)} is not on the site (yet)"
+                log.info("inbox.held", delivery=delivery.id, reason=reason)
+                inbox.release(delivery, reason, Hold.UNKNOWN_ORDER)
+                open_.pop(delivery.id, None)
+                summary.held += 1
+            else:
+                fresh.append(delivery)
+        if not fresh:
             return
-        ids = {o.external_id for o in delivery.orders}
-        known = run_tx(self.engine, lambda conn: orders.known_external_ids(conn, ids))
-        missing = sorted(ids - known)
-        if missing:
-            reason = f"order {', '.join(missing)} is not on the site (yet)"
-            log.info("inbox.held", reason=reason)
-            inbox.release(delivery, reason)
-            summary.held += 1
-            return
-        summary.orders += len(delivery.orders)
-        self._apply(delivery.orders, summary, lambda conn: deliveries.mark(
-            conn, delivery.id, orders=len(delivery.orders), now=self.now()))
-        inbox.done(delivery)
+        summary.orders += sum(len(d.orders) for d in fresh)
+
+        def mark(conn: Connection, failed: Mapping[str, str]) -> None:
+            deliveries.mark(conn, [(d.id, len(d.orders)) for d in fresh
+                                   if not _failures(d, failed)], now=self.now())
+
+        failed = self._apply([o for d in fresh for o in d.orders], summary, mark)
+        for delivery in fresh:
+            problems = _failures(delivery, failed)
+            if problems:
+                reason = "; ".join(problems)
+                log.warning("inbox.not_applied", delivery=delivery.id, reason=reason[:1000])
+            finish(delivery, "; ".join(problems) if problems else None)
 
     # -- shared ------------------------------------------------------------------------------
 
     def _apply(self, answers: Sequence[LisOrder], summary: SourceSummary,
-               finish: Callable[[Connection], None]) -> None:
+               finish: Callable[[Connection, Mapping[str, str]], None]) -> dict[str, str]:
         """Apply ``answers`` to the site's orders, in the LIS's order, and ``finish`` (the
-        cursor, the delivery's mark) in the same transaction; if that transaction fails,
-        each order alone, its failure recorded, then ``finish``."""
+        cursor, the deliveries' mark) in the same transaction; if that transaction fails,
+        each order alone, its failure recorded, then ``finish``. ``finish`` is given, and
+        this returns, the orders that failed: external id → why."""
         since = self.now() - timedelta(days=self.recheck_days) if self.recheck_days else None
         wanted = {a.external_id for a in answers}
         local = run_tx(self.engine, lambda conn: orders.pending_by_external_ids(
@@ -214,14 +265,17 @@ class PushedAnswers:
         observed = [self.observer.given(order, answer) for order, answer in fresh]
         good = [o for o in observed if o.error is None and not o.skipped]
         try:
-            outcomes = run_tx(self.engine, lambda conn: self._together(conn, good, finish))
+            outcomes = run_tx(self.engine, lambda conn: self._together(
+                conn, good, lambda c: finish(c, _errors(observed))))
         except (LabsyncError, SQLAlchemyError) as exc:
             if isinstance(exc, StoreError):
                 self._discard(observed)
                 raise
             log.warning("sources.one_by_one", orders=len(good), error=describe_failure(exc))
             outcomes = [self._alone(o) for o in good]
-            run_tx(self.engine, finish, retry=True)
+            run_tx(self.engine, lambda conn: finish(conn, _errors(observed)), retry=True)
+        for obs, applied in zip(good, outcomes, strict=True):
+            _log_applied(obs, applied)
         for obs in observed:
             if obs.error is not None:
                 self._failure(obs)
@@ -229,17 +283,29 @@ class PushedAnswers:
         summary.applied += sum(1 for a in outcomes if a.outcome not in ("skipped", "failed"))
         summary.failed += sum(1 for a in outcomes if a.outcome == "failed")
         self._discard(observed)
+        return _errors(observed)
 
     def _together(self, conn: Connection, good: Sequence[Observation],
                   finish: Callable[[Connection], None]) -> list[Applied]:
-        outcomes = []
+        """Every order in one transaction: the first completions of orders listed once with
+        ``Executor.complete_batch`` (a few statements for all), the others one by one."""
+        listed = Counter(obs.order.id for obs in good)
+        batch = [obs for obs in good if listed[obs.order.id] == 1 and _first_completion(obs)]
+        outcomes: dict[int, Applied] = {}
+        if batch:
+            completions = [Completion(obs.order, obs.lis_order, obs.pdf) for obs in batch
+                           if obs.lis_order is not None]
+            done = self.executor.complete_batch(conn, completions, self.now())
+            outcomes.update((id(obs), applied) for obs, applied in zip(batch, done, strict=True))
         for obs in good:
+            if id(obs) in outcomes:
+                continue
             assert obs.lis_order is not None
             with structlog.contextvars.bound_contextvars(order=obs.order.external_id):
-                outcomes.append(self.executor.apply(conn, obs.order, obs.lis_order, obs.pdf,
-                                                    self.now()))
+                outcomes[id(obs)] = self.executor.apply(conn, obs.order, obs.lis_order,
+                                                        obs.pdf, self.now())
         finish(conn)
-        return outcomes
+        return [outcomes[id(obs)] for obs in good]
 
     def _alone(self, obs: Observation) -> Applied:
         assert obs.lis_order is not None
@@ -280,3 +346,47 @@ def _applied_before(answer: LisOrder, seen: Any) -> bool:
     if answer.changed_at is None or seen.CHANGED_AT is None:
         return seen.CHANGED_AT is None and answer.changed_at is None
     return bool(utc_naive(answer.changed_at) == seen.CHANGED_AT)
+
+
+def _take_batch(inbox: Inbox, carry: Delivery | None
+                ) -> tuple[list[Delivery], Delivery | None]:
+    """Up to ``BATCH`` deliveries, in the inbox's order, no two naming the same order (a
+    later message for an order is applied after the earlier one is committed): the batch,
+    and the delivery taken that starts the next one."""
+    batch = [carry] if carry is not None else []
+    named = {o.external_id for o in carry.orders} if carry is not None else set()
+    while len(batch) < BATCH:
+        delivery = inbox.take()
+        if delivery is None:
+            break
+        ids = {o.external_id for o in delivery.orders}
+        if ids & named:
+            return batch, delivery
+        named |= ids
+        batch.append(delivery)
+    return batch, None
+
+
+def _first_completion(obs: Observation) -> bool:
+    """An answer ``Executor.complete_batch`` can take: a completion of an order with no result
+    rows yet (it writes the others on their own, in the same transaction)."""
+    return (obs.lis_order is not None and obs.lis_order.status is OrderStatus.COMPLETED
+            and not obs.order.recheck and not obs.order.results_count)
+
+
+def _log_applied(obs: Observation, applied: Applied) -> None:
+    """What an order's write left to log once committed (a batch's lines; fitted values)."""
+    for level, event, fields in applied.lines:
+        getattr(log, level)(event, **fields)
+    for note in applied.notes:
+        log.warning("result.value_fitted", order=obs.order.external_id, detail=note)
+
+
+def _errors(observed: Sequence[Observation]) -> dict[str, str]:
+    return {obs.order.external_id: str(obs.error) for obs in observed if obs.error is not None}
+
+
+def _failures(delivery: Delivery, failed: Mapping[str, str]) -> list[str]:
+    """Why the delivery's orders that failed did (none: it is applied whole)."""
+    return [f"order {o.external_id}: {failed[o.external_id]}" for o in delivery.orders
+            if o.external_id in failed]

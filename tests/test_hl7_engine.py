@@ -256,19 +256,46 @@ def test_a_correction_seen_first_is_the_first_result_with_the_ready_mail(db, fak
     assert order_row(db, "9700123").STATUS == "completed" and names(db) == [READY]
 
 
-def test_with_pdf_required_a_broken_embedded_pdf_applies_nothing(db, fake_lis, tmp_path):
+BROKEN_PDF = b"OBX|9|ED|PDF^Report||^AP^PDF^Base64^JVBERi0xLjQK!!broken||||||F\rOBX|1|"
+
+
+def test_with_pdf_required_a_broken_embedded_pdf_sends_the_message_to_error(db, fake_lis,
+                                                                           tmp_path):
     add_user(db, 7)
     add_order(db, "H-1", 7)
     config = hl7_site(db, fake_lis, tmp_path)  # pdf.required = true
-    broken = glucose("P1", "5.4", at=T1).replace(
-        b"OBX|1|", b"OBX|9|ED|PDF^Report||^AP^PDF^Base64^JVBERi0xLjQK!!broken||||||F\rOBX|1|")
+    broken = glucose("P1", "5.4", at=T1).replace(b"OBX|1|", BROKEN_PDF)
 
     with running(config) as (inbox, pushed):
         assert send(inbox, broken)[0][0] == "AA"  # stored: the PDF is judged when applied
         summary = pushed.drain_inbox()
+        counts = inbox.counts()
 
     assert summary.failed == 1 and order_row(db, "H-1").STATUS == "received"
     assert results(db, "H-1") == [] and events(db) == []
+    assert counts == {"waiting": 0, "held": 0, "failed": 1, "done": 0}
+    reason = next((tmp_path / "hl7" / "error").glob("*.reason")).read_text()
+    assert "order H-1" in reason and "PDF" in reason
+    # not marked applied: put back from error/, it is tried again
+    assert db.scalar("SELECT COUNT(*) FROM labsync_deliveries") == 0
+
+
+def test_without_pdf_required_a_broken_embedded_pdf_is_left_out_and_the_results_applied(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    add_order(db, "H-1", 7)
+    config = hl7_site(db, fake_lis, tmp_path, pdf={"required": False})
+    broken = glucose("P2", "5.4", at=T1).replace(b"OBX|1|", BROKEN_PDF)
+
+    with running(config) as (inbox, pushed):
+        send(inbox, broken)
+        summary = pushed.drain_inbox()
+        counts = inbox.counts()
+
+    assert summary.applied == 1 and order_row(db, "H-1").STATUS == "completed"
+    assert [r.RESULT_VALUE for r in results(db, "H-1")] == ["5.4"] and names(db) == [READY]
+    assert counts["done"] == 1 and counts["failed"] == 0
+    assert not (tmp_path / "pdfs" / "7" / "H-1.pdf").exists()
 
 
 def test_the_adapter_the_registry_builds_drains_what_was_dropped(db, fake_lis, tmp_path):

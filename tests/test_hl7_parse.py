@@ -138,6 +138,18 @@ def test_separators_that_cannot_split_a_message_are_a_problem_on_msh_2(msh: byte
     assert caught.value.code == "102" and caught.value.where == "MSH^1^2"
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.hl7")))
+def test_segments_and_fields_are_what_python_hl7_makes_of_every_real_message(name: str) -> None:
+    hl7 = pytest.importorskip("hl7")
+    for data in split_messages((DATA / name).read_bytes()):
+        ours = parse_message(data, "utf-8")
+        text = data.decode(ours.header.codec)
+        # hl7.parse strips the text: a last segment of its own keeps the real last one whole
+        theirs = [[str(f) for f in seg] for seg in hl7.parse(f"{text}\rZZZ|")][:-1]
+
+        assert [list(seg.fields) for seg in ours.segments] == theirs
+
+
 # -- charsets ----------------------------------------------------------------------------------
 
 

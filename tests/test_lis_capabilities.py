@@ -13,6 +13,7 @@ from labsync.lis import registry
 from labsync.lis.base import (
     Capability,
     Delivery,
+    Hold,
     Inbox,
     LisClient,
     OrderLookup,
@@ -38,7 +39,8 @@ class InboxOnly(Inbox):
     def failed(self, delivery: Delivery, reason: str) -> None:
         pass
 
-    def release(self, delivery: Delivery, reason: str) -> None:
+    def release(self, delivery: Delivery, reason: str,
+                hold: Hold = Hold.UNKNOWN_ORDER) -> None:
         pass
 
 
@@ -106,7 +108,8 @@ def test_the_default_probe_belongs_to_order_lookup() -> None:
         def failed(self, delivery: Delivery, reason: str) -> None:
             pass
 
-        def release(self, delivery: Delivery, reason: str) -> None:
+        def release(self, delivery: Delivery, reason: str,
+                    hold: Hold = Hold.UNKNOWN_ORDER) -> None:
             pass
 
     with pytest.raises(TypeError, match="probe"):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
+import pytest
 from sqlalchemy import select
 
+from labsync import sources as sources_mod
 from labsync.app import open_app
-from labsync.errors import BadLisData
+from labsync.errors import BadLisData, StoreError
 from labsync.lis.base import Capability, FeedPage, FeedProblem
 from labsync.model import LisOrder, OrderStatus, PdfRef, TestResult
+from labsync.sources import BATCH
 from labsync.status import collect_status, render_status
 from labsync.store.tables import labsync_cursors, labsync_deliveries, labsync_orders
 from labsync.testing.memory_lab import MemoryLab
@@ -157,6 +160,63 @@ def test_an_unreadable_delivery_is_failed_with_its_reason_and_the_rest_go_on(
     assert (summary.failed, summary.applied) == (1, 1)
     assert lab.inbox_state("MSG-BAD") == "failed: not an ORU^R01 message"
     assert order_row(db, "H-4").STATUS == "completed"
+
+
+def test_a_drain_applies_its_deliveries_in_batches_and_one_bad_delivery_fails_alone(
+        db, fake_lis, tmp_path):
+    count = BATCH + 30  # more than one batch
+    add_user(db, 7)
+    lab = MemoryLab()
+    for n in range(count):
+        add_order(db, f"B-{n}", 7)
+        lab.deliver(f"MSG-{n}", [_completed(f"B-{n}", f"{n}.0", at=T1, version="1")])
+    add_order(db, "B-BAD", 7)
+    bad_pdf = LisOrder("B-BAD", OrderStatus.COMPLETED, (TestResult("GLU", "Glucose", "1"),),
+                       changed_at=T1, version="1", pdf=PdfRef.inline(b"not a pdf"))
+    lab.deliver("MSG-BAD", [bad_pdf])
+    lab.deliver("MSG-LATER", [_completed("B-LATER", "2.0", at=T1, version="1")])
+    config = make_config(db, fake_lis, tmp_path / "pdfs")  # pdf.required = true
+
+    summary = _run(config, MemoryLis(lab), "drain_inbox")
+
+    assert (summary.pages, summary.applied, summary.failed, summary.held) == (
+        count + 2, count, 1, 1)
+    assert all(order_row(db, f"B-{n}").STATUS == "completed" for n in range(count))
+    assert _values(db, f"B-{count - 1}") == {"GLU": f"{count - 1}.0"}
+    assert len(events(db)) == count
+    assert lab.inbox_state("MSG-BAD").startswith("failed: order B-BAD: ")
+    assert "PDF" in lab.inbox_state("MSG-BAD") and order_row(db, "B-BAD").STATUS == "received"
+    assert lab.inbox_state("MSG-LATER") == "waiting"
+    with db.engine.connect() as conn:
+        marked = set(conn.execute(select(labsync_deliveries.c.DELIVERY_ID)).scalars())
+    assert marked == {f"MSG-{n}" for n in range(count)}  # MSG-BAD is not: it may come again
+
+
+def test_when_the_database_goes_away_mid_drain_every_delivery_in_hand_waits_again(
+        db, fake_lis, tmp_path, monkeypatch):
+    add_user(db, 7)
+    lab = MemoryLab()
+    for n in range(5):
+        add_order(db, f"D-{n}", 7)
+        lab.deliver(f"MSG-{n}", [_completed(f"D-{n}", "1.0", at=T1, version=str(n))])
+    lab.deliver("MSG-AGAIN", [_completed("D-0", "2.0", at=T2, version="9")])  # next batch
+    config = make_config(db, fake_lis, tmp_path / "pdfs", sync={"recheck_days": 7})
+    lis = MemoryLis(lab)
+
+    def down(*_args, **_kwargs):
+        raise StoreError("the database is unreachable")
+
+    monkeypatch.setattr(sources_mod.deliveries, "applied", down)
+    with pytest.raises(StoreError):
+        _run(config, lis, "drain_inbox")
+    assert [lab.inbox_state(f"MSG-{n}") for n in range(5)] == ["waiting"] * 5
+    assert lab.inbox_state("MSG-AGAIN") == "waiting" and events(db) == []
+    monkeypatch.undo()
+
+    summary = _run(config, lis, "drain_inbox")
+
+    assert summary.applied == 6 and _values(db, "D-0") == {"GLU": "2.0"}
+    assert all(lab.inbox_state(f"MSG-{n}") == "done" for n in range(5))
 
 
 class _RecordingFeed(MemoryLis):

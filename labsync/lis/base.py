@@ -250,6 +250,13 @@ class Delivery:
     problem: str | None = None
 
 
+class Hold(enum.StrEnum):
+    """Why a delivery is released to wait for a later drain."""
+
+    UNKNOWN_ORDER = "unknown_order"  # the site has no such order yet: kept for a limited time
+    UNAVAILABLE = "unavailable"  # labsync cannot apply anything now (its database): no limit
+
+
 class Inbox(LisClient):
     """The LIS pushes results (HL7 v2 to a folder or over MLLP); labsync stores each message
     before it acknowledges it, and the engine applies what is stored.
@@ -260,8 +267,9 @@ class Inbox(LisClient):
        fsynced) in the inbox; only then does the adapter acknowledge it to the sender. A
        crash before that is the sender's to resend.
     2. *Taken is not removed.* ``take()`` hands a delivery out and marks it as in hand in
-       memory only; nothing on disk changes. Only ``done()`` or ``failed()`` finish it, and
-       they do so durably before they return.
+       memory only; nothing on disk changes. Only ``done()`` or ``failed()`` finish it.
+       ``failed()`` is durable before it returns; ``done()`` need not be, since the
+       database has recorded the delivery as applied by then (4.).
     3. *After a crash, everything unfinished comes again*: every delivery taken but neither
        done nor failed is waiting again, with the same ``id``, in the same order.
     4. *Applied once, by id.* The engine writes the delivery's ``id`` in the same database
@@ -283,8 +291,9 @@ class Inbox(LisClient):
 
     @abc.abstractmethod
     def done(self, delivery: Delivery) -> None:
-        """Its orders are applied and committed: never hand it out again (durable before
-        returning). Finishing a finished delivery does nothing."""
+        """Its orders are applied and committed: do not hand it out again (a crash may bring
+        it back once, and the engine then only marks it done). Finishing a finished
+        delivery does nothing."""
 
     @abc.abstractmethod
     def failed(self, delivery: Delivery, reason: str) -> None:
@@ -292,11 +301,15 @@ class Inbox(LisClient):
         ``error/`` folder) and never hand it out again, unless the operator puts it back."""
 
     @abc.abstractmethod
-    def release(self, delivery: Delivery, reason: str) -> None:
-        """Not now (an order the site does not have yet): it waits again, for a later drain.
+    def release(self, delivery: Delivery, reason: str,
+                hold: Hold = Hold.UNKNOWN_ORDER) -> None:
+        """Not now: it waits again, for a later drain.
 
-        The adapter decides how long it keeps a delivery that is released again and again
-        (HL7's ``hold_unknown``) before it fails it itself.
+        ``Hold.UNKNOWN_ORDER`` (an order the site does not have yet): the adapter decides how
+        long it keeps a delivery released again and again (HL7's ``hold_unknown``) before it
+        fails it itself; it is not handed out again before ``take()`` has returned None.
+        ``Hold.UNAVAILABLE`` (the database is down, the drain is given up): it waits again at
+        once, however long that lasts.
         """
 
     def counts(self) -> Mapping[str, int]:

@@ -38,8 +38,9 @@ def save_state(
 
 def save_states(conn: Connection, states: Sequence[tuple[PendingOrder, Mapping[str, Any]]],
                 now_utc: datetime) -> None:
-    """Update several orders' bookkeeping rows (they exist, and the caller holds the orders'
-    locks): one statement for each set of columns.
+    """Update several orders' bookkeeping rows (the caller holds the orders' locks): one
+    statement for each set of columns. A row that does not exist yet is inserted where the
+    database ``upserts``; elsewhere the rows must exist.
 
     On MySQL, MariaDB and SQLite that statement is a multi-row upsert, which the driver
     sends as one statement where an executemany of UPDATEs is one statement per row. The
@@ -58,6 +59,11 @@ def save_states(conn: Connection, states: Sequence[tuple[PendingOrder, Mapping[s
             continue
         conn.execute(_UPDATE_STATE, [
             {"b_order_id": p["ORDER_ID"], **{c: p[c] for c in columns}} for p in params])
+
+
+def upserts(dialect: str) -> bool:
+    """Whether ``save_states`` also inserts rows that do not exist yet on this database."""
+    return dialect in ("mysql", "mariadb", "sqlite")
 
 
 @functools.cache

@@ -39,3 +39,19 @@ def save(conn: Connection, order_id: int, *, exists: bool, changed_at: datetime 
         conn.execute(_UPDATE, {"b_id": order_id, **values})
     else:
         conn.execute(insert(labsync_versions).values(ORDER_ID=order_id, **values))
+
+
+def save_many(conn: Connection, rows: Collection[tuple[int, bool, Any]]) -> None:
+    """``save`` for several orders, each ``(order_id, exists, seen)`` with ``seen`` a
+    ``planner.Seen``: the new rows in one INSERT, the others one UPDATE each."""
+    new: list[tuple[int, dict[str, Any]]] = []
+    old: list[tuple[int, dict[str, Any]]] = []
+    for order_id, exists, seen in rows:
+        values = {"CHANGED_AT": seen.changed_at, "VERSION": seen.version,
+                  "PDF_WAIT_SINCE": seen.pdf_wait_since}
+        (old if exists else new).append((order_id, values))
+    if new:
+        conn.execute(insert(labsync_versions), [{"ORDER_ID": order_id, **values}
+                                                for order_id, values in new])
+    if old:
+        conn.execute(_UPDATE, [{"b_id": order_id, **values} for order_id, values in old])

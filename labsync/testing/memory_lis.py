@@ -39,6 +39,7 @@ from labsync.lis.base import (
     ChangeFeed,
     Delivery,
     FeedPage,
+    Hold,
     Inbox,
     OrderLookup,
     OrderPlacement,
@@ -67,8 +68,11 @@ class MemoryLis(OrderLookup, ChangeFeed, Inbox, PdfSource, PatientSearch, OrderP
         self.lab = lab if lab is not None else MemoryLab()
         self._attempts, self._sleep, self._page_size = attempts, sleep, page_size
         self._lock = threading.Lock()
-        self._in_hand: set[str] = set()  # process memory: a restart forgets it
-        self._later: set[str] = set()  # released in this drain
+        # process memory (a restart forgets it): what is in hand, and the drain it was
+        # taken in; what was released in this drain; how many drains have ended
+        self._in_hand: dict[str, int] = {}
+        self._later: set[str] = set()
+        self._drains = 0
 
     # -- the one place answers become data or errors ---------------------------------------
 
@@ -179,9 +183,10 @@ class MemoryLis(OrderLookup, ChangeFeed, Inbox, PdfSource, PatientSearch, OrderP
             for delivery, state in self.lab.inbox():
                 key = delivery.id
                 if state == "waiting" and key not in self._in_hand and key not in self._later:
-                    self._in_hand.add(key)
+                    self._in_hand[key] = self._drains
                     return delivery
             self._later.clear()
+            self._drains += 1
             return None
 
     def done(self, delivery: Delivery) -> None:
@@ -189,17 +194,20 @@ class MemoryLis(OrderLookup, ChangeFeed, Inbox, PdfSource, PatientSearch, OrderP
         # it again in between.
         self.lab.finish(delivery.id, "done")
         with self._lock:
-            self._in_hand.discard(delivery.id)
+            self._in_hand.pop(delivery.id, None)
 
     def failed(self, delivery: Delivery, reason: str) -> None:
         self.lab.finish(delivery.id, "failed", reason)
         with self._lock:
-            self._in_hand.discard(delivery.id)
+            self._in_hand.pop(delivery.id, None)
 
-    def release(self, delivery: Delivery, reason: str) -> None:
+    def release(self, delivery: Delivery, reason: str,
+                hold: Hold = Hold.UNKNOWN_ORDER) -> None:
         with self._lock:
-            self._in_hand.discard(delivery.id)
-            self._later.add(delivery.id)
+            taken_in = self._in_hand.pop(delivery.id, self._drains)
+            # Not again in a drain still under way, unless that drain is given up.
+            if taken_in == self._drains and hold is not Hold.UNAVAILABLE:
+                self._later.add(delivery.id)
 
     # -- PatientSearch, OrderPlacement ------------------------------------------------------
 

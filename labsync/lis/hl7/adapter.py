@@ -28,7 +28,7 @@ from labsync.config.hl7 import DEFAULT_ALLOW, parse_allow, parse_listen
 from labsync.config.lis import LisConfig
 from labsync.config.sections import DEFAULT_TIMEZONE
 from labsync.errors import PermanentLisError, TransientLisError
-from labsync.lis.base import Delivery, Inbox
+from labsync.lis.base import Delivery, Hold, Inbox
 from labsync.lis.hl7 import folders
 from labsync.lis.hl7.ack import build_ack
 from labsync.lis.hl7.mapping import order_ids
@@ -176,13 +176,14 @@ class Hl7Inbox(Inbox):
     def failed(self, delivery: Delivery, reason: str) -> None:
         self._finish(delivery, reason)
 
-    def release(self, delivery: Delivery, reason: str) -> None:
+    def release(self, delivery: Delivery, reason: str,
+                hold: Hold = Hold.UNKNOWN_ORDER) -> None:
         with self._lock:
             entry = self._in_hand.get(delivery.id)
         if entry is None:
             return
         held_for = self._now() - entry.received_at
-        if held_for > self.hold_unknown and "database" not in reason:
+        if hold is Hold.UNKNOWN_ORDER and held_for > self.hold_unknown:
             since = _when(entry.received_at).isoformat(timespec="seconds")
             log.warning("hl7.hold_expired", delivery=delivery.id, reason=reason)
             self._finish(delivery, f"{reason}; held since {since} and tried on every drain "
@@ -190,7 +191,7 @@ class Hl7Inbox(Inbox):
             return
         with self._lock:
             self._in_hand.pop(delivery.id, None)
-        self.spool.release(entry, reason)
+        self.spool.release(entry, reason, this_drain=hold is Hold.UNAVAILABLE)
 
     def _finish(self, delivery: Delivery, reason: str | None) -> None:
         with self._lock:

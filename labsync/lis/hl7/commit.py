@@ -24,8 +24,9 @@ from pathlib import Path
 
 @dataclass(eq=False)
 class Step:
-    """One durable change: rename ``source`` to ``target`` (if given), fsync ``fsync_file``
-    (if any) and the directories touched.
+    """One durable change: rename ``source`` to ``target`` (if both are given), fsync
+    ``fsync_file`` (if any) and the directories touched. ``target`` without ``source`` is a
+    file just created under its name: it and its directory are fsynced.
 
     ``fsync_first``: the file is fsynced before the rename, so that its final name never
     shows anything but complete content (a reason file). Without it the rename comes
@@ -89,7 +90,10 @@ class GroupCommit:
         self._fsync_files(step for step in group if step.fsync_first)
         dirs: dict[Path, list[Step]] = {}
         for step in group:
-            if step.error is not None or step.source is None or step.target is None:
+            if step.error is not None or step.target is None:
+                continue
+            if step.source is None:  # created in place
+                dirs.setdefault(step.target.parent, []).append(step)
                 continue
             try:
                 os.replace(step.source, step.target)

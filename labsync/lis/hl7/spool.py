@@ -3,11 +3,10 @@
 Inside ``drop_dir`` (the folder the LIS writes files into):
 
 - ``queue/KEY.HASH.hl7``: a message labsync has stored and acknowledged, not yet applied.
-  It is written as a hidden temporary file, renamed in, and fsynced with its folder
-  (``GroupCommit``) before the sender hears ``AA``. ``HASH`` is its content's: a file a
-  crash caught between the rename and the fsync (never acknowledged, so the sender resends
-  it) does not match it and is removed when the spool is loaded, rather than taken for the
-  stored copy of that resend.
+  It is written under that name and fsynced with its folder (``GroupCommit``) before the
+  sender hears ``AA``. ``HASH`` is its content's: a file a crash caught half-written (never
+  acknowledged, so the sender resends it) does not match it and is removed when the spool
+  is loaded, rather than taken for the stored copy of that resend.
 - ``queue/KEY.held``: why a waiting message is held (its order is not on the site yet).
 - ``done/KEY.hl7``: applied; pruned after ``keep_done``.
 - ``error/NAME`` with ``error/NAME.reason``: refused or failed, for the operator; the reason
@@ -43,6 +42,7 @@ HELD = ".held"
 DROP_SUFFIXES = (".hl7", ".txt")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _tmp_names = itertools.count(1)
+FILE_MODE = 0o640
 CACHED_DELIVERIES = 1000  # waiting messages whose delivery is kept in memory, at most
 
 
@@ -72,6 +72,19 @@ def safe_name(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("._")[:80] or "msg"
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """``data`` as a new file, readable by its owner and group only (results are patient
+    data), not yet fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class Described:
     """What the spool needs of a message: its id, where it sorts, and (when it is small) the
@@ -93,6 +106,7 @@ class Entry:
     received_at: float  # wall time the message was stored
     seq: int
     held: str | None = None  # why it was released, while it waits for a later drain
+    drain: int = 0  # the drain it was last taken in
 
     @property
     def order(self) -> tuple[Any, ...]:
@@ -119,6 +133,7 @@ class Spool:
         self._heap: list[tuple[tuple[Any, ...], str]] = []
         self._in_hand: set[str] = set()
         self._later: list[tuple[tuple[Any, ...], str]] = []  # released in this drain
+        self._drain = 0  # drains ended (take() returned None)
         self._inflight: dict[str, _Inflight] = {}
         self._seq = itertools.count(1)
         self.arrived = threading.Condition(self._lock)  # notified on every new message
@@ -197,11 +212,10 @@ class Spool:
             if (self.done_dir / f"{key}{SUFFIX}").exists():
                 return False
             final = self.queue / queue_name(key, data)
-            tmp = self._write_tmp(self.queue, data)
             try:
-                self.commit.run(Step(tmp, final, fsync_file=final))
+                _write_new(final, data)
+                self.commit.run(Step(target=final, fsync_file=final))
             except OSError:
-                tmp.unlink(missing_ok=True)
                 final.unlink(missing_ok=True)  # in place but not durable: never acknowledged
                 raise
             self._add(key, final, described, final.stat().st_mtime, notify=True)
@@ -226,8 +240,7 @@ class Spool:
 
     def _write_tmp(self, folder: Path, data: bytes) -> Path:
         tmp = folder / f".{os.getpid()}-{threading.get_ident()}-{next(_tmp_names)}.tmp"
-        with open(tmp, "wb") as file:
-            file.write(data)
+        _write_new(tmp, data)
         return tmp
 
     def _free_name(self, folder: Path, name: str) -> Path:
@@ -267,14 +280,18 @@ class Spool:
                 if entry is None or entry.order != order or key in self._in_hand:
                     continue
                 self._in_hand.add(key)
+                entry.drain = self._drain
                 return entry
             for item in self._later:
                 heapq.heappush(self._heap, item)
             self._later.clear()
+            self._drain += 1
             return None
 
-    def release(self, entry: Entry, reason: str) -> None:
-        """Held until the next drain. The reason is also written beside the message
+    def release(self, entry: Entry, reason: str, *, this_drain: bool = False) -> None:
+        """Held until the next drain (the one under way, if the drain it was taken in has
+        ended already), or with ``this_drain`` waiting again at once (the drain is given
+        up, as when the database is down). The reason is also written beside the message
         (``queue/KEY.held``, not fsynced: it only informs), so that ``labsync status`` in
         another process, and this one after a restart, count it as held."""
         with self._lock:
@@ -282,27 +299,39 @@ class Spool:
             if entry.key not in self._waiting:
                 return
             changed, entry.held = entry.held != reason, reason
-            self._later.append((entry.order, entry.key))
+            if this_drain or entry.drain < self._drain:
+                heapq.heappush(self._heap, (entry.order, entry.key))
+            else:
+                self._later.append((entry.order, entry.key))
         if changed:
             tmp = self._write_tmp(self.queue, reason.encode("utf-8"))
             os.replace(tmp, self.queue / f"{entry.key}{HELD}")
 
     def finish(self, entry: Entry, reason: str | None = None) -> None:
-        """Done (``reason`` None: into ``done/``) or failed (into ``error/`` with ``reason``),
-        durably, then forgotten. Finishing a finished message does nothing."""
+        """Done (``reason`` None: into ``done/``) or failed (into ``error/`` with ``reason``,
+        durably), then forgotten. Finishing a finished message does nothing.
+
+        The move into ``done/`` is not fsynced: the database recorded the delivery as
+        applied in the transaction before, so a crash that undoes the move only brings it
+        back once, to be marked done again (``Inbox``, rule 4).
+        """
         with self._lock:
             if entry.key not in self._waiting:
                 return
         source, name = self.path(entry), f"{entry.key}{SUFFIX}"
         if reason is None:
-            steps = [Step(source, self.done_dir / name)]
+            try:
+                os.replace(source, self.done_dir / name)
+            except FileNotFoundError:
+                pass  # moved already (another process's drain)
         else:
             target = self._free_name(self.error_dir, name)
             why = self._write_tmp(self.error_dir, reason.encode("utf-8") + b"\n")
-            steps = [Step(why, target.with_name(target.name + REASON), fsync_file=why,
-                          fsync_first=True), Step(source, target)]
-        if source.exists():
-            self.commit.run(*steps)
+            if source.exists():
+                self.commit.run(Step(why, target.with_name(target.name + REASON),
+                                     fsync_file=why, fsync_first=True), Step(source, target))
+            else:
+                why.unlink(missing_ok=True)
         # Durable first, then out of hand: the other way round, another thread could take
         # it again in between.
         (self.queue / f"{entry.key}{HELD}").unlink(missing_ok=True)
