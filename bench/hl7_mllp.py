@@ -43,6 +43,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 PREFIX = "HL-"
+GATHER: list[float] = []  # --gather: Hl7Inbox's gather for the in-process runs
 ZONE = ZoneInfo("Europe/Moscow")
 
 
@@ -206,7 +207,8 @@ class Labsync:
 
         self.committed: dict[str, float] = {}
         inbox = Hl7Inbox(config.lis, zone=config.site.timezone,
-                         pdf_max_bytes=config.pdf.max_bytes, settle=0.0)
+                         pdf_max_bytes=config.pdf.max_bytes, settle=0.0,
+                         **({"gather": GATHER[0]} if GATHER else {}))
         inbox.listen = ("127.0.0.1", 0)
         original_done = inbox.done
 
@@ -472,7 +474,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--memory-messages", type=int, default=100_000)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--gather", type=float, default=None,
+                        help="Hl7Inbox's gather, seconds (default: the adapter's)")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval for this process (seconds)")
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    if args.gather is not None:
+        GATHER.append(args.gather)
 
     from sqlalchemy.engine import make_url
 

@@ -251,12 +251,10 @@ class PushedAnswers:
         this returns, the orders that failed: external id → why."""
         since = self.now() - timedelta(days=self.recheck_days) if self.recheck_days else None
         wanted = {a.external_id for a in answers}
-        local = run_tx(self.engine, lambda conn: orders.pending_by_external_ids(
-            conn, wanted, recheck_since=since))
+        local, seen = run_tx(self.engine, lambda conn: _local_and_seen(conn, wanted, since))
         by_id: dict[str, list[orders.PendingOrder]] = {}
         for order in local:
             by_id.setdefault(order.external_id, []).append(order)
-        seen = run_tx(self.engine, lambda conn: versions.get_many(conn, [o.id for o in local]))
         pairs = [(order, answer) for answer in answers
                  for order in by_id.get(answer.external_id, ())]
         fresh = [(order, answer) for order, answer in pairs
@@ -365,6 +363,14 @@ def _take_batch(inbox: Inbox, carry: Delivery | None
         named |= ids
         batch.append(delivery)
     return batch, None
+
+
+def _local_and_seen(conn: Connection, wanted: set[str], since: datetime | None
+                    ) -> tuple[list[orders.PendingOrder], dict[int, Any]]:
+    """The site's orders among ``wanted`` that may be written, and what was applied of their
+    LIS versions: two indexed lookups in one read."""
+    local = list(orders.pending_by_external_ids(conn, wanted, recheck_since=since))
+    return local, versions.get_many(conn, [o.id for o in local])
 
 
 def _first_completion(obs: Observation) -> bool:

@@ -21,6 +21,7 @@ import socketserver
 import threading
 from dataclasses import dataclass
 
+from labsync.testing._faults import FaultQueue, count_requests
 from labsync.testing._faultserver import Fault, FaultServer, Request, Response
 from labsync.testing.fhir_api import FhirApi, Num, dumps, loads, observation, outcome, report
 
@@ -29,14 +30,6 @@ __all__ = ["DripServer", "FakeFhir", "Fault", "FhirApi", "Num", "dumps", "loads"
 
 ENDPOINTS = frozenset({"search", "feed", "page", "observation", "binary", "metadata",
                        "unknown", "*"})
-
-
-@dataclass
-class _Injection:
-    endpoint: str
-    key: str | None
-    fault: Fault
-    remaining: int | None
 
 
 @dataclass(frozen=True)
@@ -62,7 +55,7 @@ class FakeFhir(FhirApi):
         super().__init__(base_path)
         self.token = token
         self._server = FaultServer(self, host, port, None)
-        self._faults: list[_Injection] = []
+        self._faults: FaultQueue[Fault] = FaultQueue()
         self.requests: list[Seen] = []
 
     def start(self) -> FakeFhir:
@@ -87,33 +80,19 @@ class FakeFhir(FhirApi):
         None: all of them. Faults apply in the order they were injected."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
-        with self._lock:
-            self._faults.append(_Injection(endpoint, key, fault, times))
+        self._faults.add(endpoint, key, fault, times)
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def request_count(self, endpoint: str | None = None, key: str | None = None) -> int:
         with self._lock:
-            return sum(1 for seen in self.requests
-                       if endpoint in (None, seen.endpoint) and key in (None, seen.key))
+            return count_requests(((s.endpoint, s.key) for s in self.requests), endpoint, key)
 
     def targets(self, endpoint: str | None = None) -> list[str]:
         """The request targets (path and query, as sent) of ``endpoint``'s requests."""
         with self._lock:
             return [s.target for s in self.requests if endpoint in (None, s.endpoint)]
-
-    def _take_fault(self, endpoint: str, key: str | None) -> Fault | None:
-        with self._lock:
-            for index, injection in enumerate(self._faults):
-                if injection.endpoint in ("*", endpoint) and injection.key in (None, key):
-                    if injection.remaining is not None:
-                        injection.remaining -= 1
-                        if injection.remaining == 0:
-                            del self._faults[index]
-                    return injection.fault
-        return None
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -124,7 +103,7 @@ class FakeFhir(FhirApi):
         accept = request.headers.get("Accept") or ""
         with self._lock:
             self.requests.append(Seen(endpoint, key, request.target, authorization, accept))
-        fault = self._take_fault(endpoint, key)
+        fault = self._faults.take(endpoint, key)
         if fault is not None and fault.delay and stopping.wait(fault.delay):
             return None
         if self.token is not None and authorization != f"Bearer {self.token}":

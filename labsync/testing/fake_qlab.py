@@ -28,9 +28,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
+from labsync.testing._faults import FaultQueue, count_requests
 from labsync.testing._faultserver import Fault, FaultServer, Request, Response
 from labsync.testing.qlab_api import SAMPLE_PDF, QlabApi, route
 from labsync.testing.qlab_samples import sample_results, seed_orders, seed_plan
@@ -47,14 +47,6 @@ __all__ = [
 ]
 
 ENDPOINTS = frozenset({"results", "pdf", "orders", "create", "*"})
-
-
-@dataclass
-class _Injection:
-    external_id: str | None
-    endpoint: str
-    fault: Fault
-    remaining: int | None
 
 
 class FakeQlab(QlabApi):
@@ -78,7 +70,7 @@ class FakeQlab(QlabApi):
         super().__init__(api_key)
         self.latency = latency
         self._server = FaultServer(self, host, port, ssl_context)
-        self._faults: list[_Injection] = []
+        self._faults: FaultQueue[Fault] = FaultQueue()
         self.requests: list[tuple[str, str, str | None]] = []
         self.request_times: list[float] = []
         self.in_flight = 0
@@ -129,22 +121,17 @@ class FakeQlab(QlabApi):
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
         if times is not None and times < 1:
             raise ValueError("times must be at least 1, or None for forever")
-        with self._lock:
-            self._faults.append(_Injection(external_id, endpoint, fault, times))
+        self._faults.add(endpoint, external_id, fault, times)
 
     def clear_faults(self) -> None:
         """Drop every pending fault."""
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def request_count(self, endpoint: str | None = None, external_id: str | None = None) -> int:
         """Requests received (authorised or not), filtered by endpoint and/or order."""
         with self._lock:
-            return sum(
-                1
-                for ep, _method, oid in self.requests
-                if endpoint in (None, ep) and external_id in (None, oid)
-            )
+            seen = ((ep, oid) for ep, _method, oid in self.requests)
+            return count_requests(seen, endpoint, external_id)
 
     def counters(self) -> dict[str, Any]:
         """Requests so far (in all and by endpoint) and the most ever in flight at once."""
@@ -192,16 +179,8 @@ class FakeQlab(QlabApi):
                 self.in_flight -= 1
 
     def _take_fault(self, endpoint: str, external_id: str | None) -> Fault | None:
-        with self._lock:
-            for index, injection in enumerate(self._faults):
-                wanted_id = injection.external_id
-                if injection.endpoint in ("*", endpoint) and wanted_id in (None, external_id):
-                    if injection.remaining is not None:
-                        injection.remaining -= 1
-                        if injection.remaining == 0:
-                            del self._faults[index]
-                    return injection.fault
-        return None
+        # A method of its own so that a test's subclass can decide faults its own way.
+        return self._faults.take(endpoint, external_id)
 
 
 # -- the command line ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from datetime import date, datetime
 from typing import Any
 
 from labsync.model import OrderStatus, Patient, TestResult
+from labsync.testing._faults import FaultQueue, count_requests
 from labsync.testing._faultserver import Fault, FaultServer, Request, Response
 
 __all__ = ["Fault", "LimsOrder", "LimsServer", "LisFault"]
@@ -55,21 +56,13 @@ class LimsOrder:
     raw_status: str | None = None  # a status text of the LIS's own, served instead
 
 
-@dataclass
-class _Injection:
-    external_id: str | None
-    endpoint: str
-    fault: Fault | LisFault
-    remaining: int | None
-
-
 class LimsServer:
     """Orders, faults and counters of a fake LIMS, served by ``handle`` (the subclass's)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self._lock = threading.Lock()
         self._orders: dict[str, LimsOrder] = {}
-        self._faults: list[_Injection] = []
+        self._faults: FaultQueue[Fault | LisFault] = FaultQueue()
         self.requests: list[tuple[str, str | None]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -146,30 +139,18 @@ class LimsServer:
         matches any order, endpoint ``"*"`` any request."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, not {endpoint!r}")
-        with self._lock:
-            self._faults.append(_Injection(external_id, endpoint, fault, times))
+        self._faults.add(endpoint, external_id, fault, times)
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def request_count(self, endpoint: str | None = None, external_id: str | None = None) -> int:
         with self._lock:
-            return sum(1 for ep, oid in self.requests
-                       if endpoint in (None, ep) and external_id in (None, oid))
+            return count_requests(self.requests, endpoint, external_id)
 
     def take_fault(self, endpoint: str, external_id: str | None) -> Fault | LisFault | None:
         """The first queued fault matching this request, counted down."""
-        with self._lock:
-            for index, injection in enumerate(self._faults):
-                if (injection.endpoint in ("*", endpoint)
-                        and injection.external_id in (None, external_id)):
-                    if injection.remaining is not None:
-                        injection.remaining -= 1
-                        if injection.remaining == 0:
-                            del self._faults[index]
-                    return injection.fault
-        return None
+        return self._faults.take(endpoint, external_id)
 
     @contextlib.contextmanager
     def handling(self, endpoint: str, external_id: str | None) -> Iterator[None]:

