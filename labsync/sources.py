@@ -45,7 +45,7 @@ from labsync.model import LisOrder, OrderStatus
 from labsync.observe import Observation, Observer
 from labsync.store import cursors, deliveries, orders, versions
 from labsync.store.db import describe_failure, order_error
-from labsync.store.tx import run_tx
+from labsync.store.tx import held_connection, run_tx
 
 log = structlog.get_logger("labsync.sources")
 
@@ -163,21 +163,30 @@ class PushedAnswers:
         if not self.has_inbox:
             return summary
         inbox: Inbox = self.lis
-        carry: Delivery | None = None
-        while not stop.is_set():
-            batch, carry = _take_batch(inbox, carry)
-            if not batch:
-                break
-            summary.pages += len(batch)
-            open_ = {d.id: d for d in batch}
-            try:
-                self._deliveries(inbox, batch, open_, summary)
-            except (StoreError, SQLAlchemyError):
-                for delivery in [*open_.values(), *([carry] if carry else [])]:
-                    inbox.release(delivery, "the database is unavailable", Hold.UNAVAILABLE)
-                raise
-            if carry is None and len(batch) < BATCH:
-                break  # the inbox said it has no more (take() returned None)
+        batch, carry = _take_batch(inbox, None)
+        if not batch:
+            return summary
+        try:
+            # One connection for the whole drain: no pool checkout, ping and reset for
+            # each of a batch's transactions.
+            with held_connection(self.engine) as conn:
+                while batch:
+                    summary.pages += len(batch)
+                    open_ = {d.id: d for d in batch}
+                    try:
+                        self._deliveries(inbox, batch, open_, summary, conn)
+                    except (StoreError, SQLAlchemyError):
+                        _release(inbox, [*open_.values(), *([carry] if carry else [])],
+                                 "the database is unavailable")
+                        raise
+                    if stop.is_set() or (carry is None and len(batch) < BATCH):
+                        break  # stopped, or the inbox has no more (take() returned None)
+                    batch, carry = _take_batch(inbox, carry)
+        except (StoreError, SQLAlchemyError):
+            if summary.pages == 0:  # no connection at all: the first batch waits again
+                _release(inbox, [*batch, *([carry] if carry else [])],
+                         "the database is unavailable")
+            raise
         if carry is not None:  # stopped: it waits for the next drain
             inbox.release(carry, "the drain was stopped", Hold.UNAVAILABLE)
         if summary.pages:
@@ -185,7 +194,7 @@ class PushedAnswers:
         return summary
 
     def _deliveries(self, inbox: Inbox, batch: Sequence[Delivery], open_: dict[str, Delivery],
-                    summary: SourceSummary) -> None:
+                    summary: SourceSummary, conn: Connection) -> None:
         """One batch: refused ones failed, ones applied before marked done, ones for orders
         the site lacks released; the rest applied and marked in one transaction, then done
         (or failed, with the reason, when one of their orders could not be applied)."""
@@ -208,9 +217,9 @@ class PushedAnswers:
         if not readable:
             return
         named = {o.external_id for d in readable for o in d.orders}
-        applied, known = run_tx(self.engine, lambda conn: (
-            deliveries.applied(conn, [d.id for d in readable]),
-            orders.known_external_ids(conn, named)))
+        applied, known = run_tx(conn, lambda c: (
+            deliveries.applied(c, [d.id for d in readable]),
+            orders.known_external_ids(c, named)))
         fresh = []
         for delivery in readable:
             missing = sorted({o.external_id for o in delivery.orders} - known)
@@ -233,7 +242,7 @@ class PushedAnswers:
             deliveries.mark(conn, [(d.id, len(d.orders)) for d in fresh
                                    if not _failures(d, failed)], now=self.now())
 
-        failed = self._apply([o for d in fresh for o in d.orders], summary, mark)
+        failed = self._apply([o for d in fresh for o in d.orders], summary, mark, conn)
         for delivery in fresh:
             problems = _failures(delivery, failed)
             if problems:
@@ -244,14 +253,17 @@ class PushedAnswers:
     # -- shared ------------------------------------------------------------------------------
 
     def _apply(self, answers: Sequence[LisOrder], summary: SourceSummary,
-               finish: Callable[[Connection, Mapping[str, str]], None]) -> dict[str, str]:
+               finish: Callable[[Connection, Mapping[str, str]], None],
+               bind: Engine | Connection | None = None) -> dict[str, str]:
         """Apply ``answers`` to the site's orders, in the LIS's order, and ``finish`` (the
         cursor, the deliveries' mark) in the same transaction; if that transaction fails,
         each order alone, its failure recorded, then ``finish``. ``finish`` is given, and
-        this returns, the orders that failed: external id → why."""
+        this returns, the orders that failed: external id → why. ``bind``: a connection
+        to run the transactions on (an inbox drain holds one), else the pool's."""
+        bind = bind if bind is not None else self.engine
         since = self.now() - timedelta(days=self.recheck_days) if self.recheck_days else None
         wanted = {a.external_id for a in answers}
-        local, seen = run_tx(self.engine, lambda conn: _local_and_seen(conn, wanted, since))
+        local, seen = run_tx(bind, lambda conn: _local_and_seen(conn, wanted, since))
         by_id: dict[str, list[orders.PendingOrder]] = {}
         for order in local:
             by_id.setdefault(order.external_id, []).append(order)
@@ -263,7 +275,7 @@ class PushedAnswers:
         observed = [self.observer.given(order, answer) for order, answer in fresh]
         good = [o for o in observed if o.error is None and not o.skipped]
         try:
-            outcomes = run_tx(self.engine, lambda conn: self._together(
+            outcomes = run_tx(bind, lambda conn: self._together(
                 conn, good, lambda c: finish(c, _errors(observed))))
         except (LabsyncError, SQLAlchemyError) as exc:
             if isinstance(exc, StoreError):
@@ -344,6 +356,11 @@ def _applied_before(answer: LisOrder, seen: Any) -> bool:
     if answer.changed_at is None or seen.CHANGED_AT is None:
         return seen.CHANGED_AT is None and answer.changed_at is None
     return bool(utc_naive(answer.changed_at) == seen.CHANGED_AT)
+
+
+def _release(inbox: Inbox, held: Sequence[Delivery], reason: str) -> None:
+    for delivery in held:
+        inbox.release(delivery, reason, Hold.UNAVAILABLE)
 
 
 def _take_batch(inbox: Inbox, carry: Delivery | None
