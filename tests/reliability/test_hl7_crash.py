@@ -1,0 +1,145 @@
+"""SIGKILL of `labsync run` while an HL7 sender streams results over MLLP, again and again.
+
+A sender (a thread of the test, like a LIS's MLLP client) sends one ORU^R01 after the other
+and resends a message until it is acknowledged, reconnecting whenever the listener is gone.
+Meanwhile `labsync run` is started and killed with SIGKILL at seeded random moments: while
+messages are received, stored, acknowledged, applied. After the last kill one more
+`labsync run` is left to finish. Then: every message was acknowledged, every order is
+completed with exactly its one result row and exactly one mail, every delivery is recorded
+once, and nothing is left in `queue/` or `error/`. A resend of a message that was stored but
+not acknowledged before a kill is stored once (its key), and one applied but not moved to
+`done/` is only marked done (its id in `labsync_deliveries`).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import threading
+import time
+from datetime import datetime
+
+import pytest
+
+from labsync.lis.hl7.ack import read_ack
+from labsync.model import LisOrder, OrderStatus, TestResult
+from labsync.testing.hl7_sender import MllpSender, oru
+from tests.helpers import add_orders, completed_count
+from tests.processes import labsync, write_config
+from tests.reliability.conftest import free_port, mail_counts, record, scaled
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
+
+SEED = 20261202
+SENT_AT = datetime(2026, 12, 1, 9, 0)
+
+
+def _message(n: int) -> bytes:
+    order = LisOrder(f"HK-{n:05d}", OrderStatus.COMPLETED,
+                     (TestResult("GLU", "Glucose", f"{4 + n % 30 / 10:.1f}", "mmol/L"),))
+    return oru(f"K-{n}", [order], sent_at=SENT_AT, sending_app="LIS", sending_facility="LAB")
+
+
+class _Sender(threading.Thread):
+    """Sends messages 0..count-1 in order, each until it is acknowledged ``AA``."""
+
+    def __init__(self, port: int, count: int, pause: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.count, self.pause = port, count, pause
+        self.acked = 0
+        self.attempts = 0
+        self.refused: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn: MllpSender | None = None
+        n = 0
+        while n < self.count and not self.stop.is_set():
+            try:
+                if conn is None:
+                    conn = MllpSender("127.0.0.1", self.port, timeout=10)
+                self.attempts += 1
+                code, control, *_rest = read_ack(conn.send(_message(n)))
+            except OSError:  # the listener is gone (killed) or not up yet: reconnect, resend
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+                continue
+            if code != "AA" or control != f"K-{n}":
+                self.refused.append(f"K-{n}: {code} {control}")
+                return
+            n += 1
+            self.acked = n
+            time.sleep(self.pause)  # a LIS validating results one by one
+        if conn is not None:
+            conn.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_sigkill_while_messages_stream_in_loses_and_doubles_nothing(site, tmp_path):
+    kills = scaled(8, 30)
+    count = scaled(400, 1500)
+    rng = random.Random(SEED)
+    names = [f"HK-{n:05d}" for n in range(count)]
+    add_orders(site, names)
+    port = free_port()
+    drop_dir = tmp_path / "hl7"
+    config = write_config(
+        tmp_path / "c.toml", db_url=site.url, lis_url="http://127.0.0.1:9/unused",
+        api_key="unused", pdf_dir=tmp_path / "pdfs", lis={"adapter": "hl7"},
+        **{"lis.hl7": {"drop_dir": str(drop_dir), "listen": f"127.0.0.1:{port}"}},
+        pdf={"required": False})
+    sender = _Sender(port, count, pause=0.03)
+    sender.start()
+    at_kill: list[dict[str, int]] = []
+    try:
+        for k in range(kills):
+            proc = labsync(config, "run", log=tmp_path / f"kill-{k:02d}.log")
+            deadline = time.monotonic() + 30
+            while not _listening(port) and time.monotonic() < deadline:
+                assert proc.poll() is None, f"labsync run exited with {proc.returncode}"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.2, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            at_kill.append({"acked": sender.acked, "completed": completed_count(site)})
+        assert sender.acked < count, "every message was through before the kills ended"
+
+        final = labsync(config, "run", log=tmp_path / "final.log")
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and (sender.is_alive()
+                                                   or completed_count(site) < count):
+                assert final.poll() is None, f"labsync run exited with {final.returncode}"
+                time.sleep(0.2)
+        finally:
+            final.send_signal(signal.SIGTERM)
+            assert final.wait(timeout=60) == 0
+    finally:
+        sender.stop.set()
+        sender.join(10)
+
+    assert sender.refused == [] and sender.acked == count
+    assert completed_count(site) == count
+    assert site.scalar("SELECT COUNT(*) FROM local_lab_results") == count
+    assert site.scalar("SELECT COUNT(DISTINCT ORDER_ID) FROM local_lab_results") == count
+    assert site.scalar("SELECT COUNT(*) FROM b_event") == count
+    assert set(mail_counts(site).values()) == {1}
+    assert site.scalar("SELECT COUNT(*) FROM labsync_deliveries") == count
+    assert [p.name for p in (drop_dir / "queue").iterdir()] == []
+    assert list((drop_dir / "error").iterdir()) == []
+    assert len(list((drop_dir / "done").iterdir())) == count
+    record("SIGKILL of labsync run under an MLLP stream", injected=f"SIGKILL of labsync run, "
+           f"{count} HL7 messages resent until acknowledged", times=kills,
+           outcome="every message acknowledged and applied once; one mail each", lost=0,
+           duplicated=0, sends=sender.attempts, resends=sender.attempts - count,
+           detail=at_kill)
