@@ -175,9 +175,13 @@ class PushedAnswers:
                     open_ = {d.id: d for d in batch}
                     try:
                         self._deliveries(inbox, batch, open_, summary, conn)
-                    except (StoreError, SQLAlchemyError):
-                        _release(inbox, [*open_.values(), *([carry] if carry else [])],
-                                 "the database is unavailable")
+                    except Exception as exc:
+                        # Nothing stays in hand: what was not finished waits again (one
+                        # applied already is only marked done when it comes back).
+                        why = ("the database is unavailable"
+                               if isinstance(exc, (StoreError, SQLAlchemyError))
+                               else f"the drain failed: {type(exc).__name__}")
+                        _release(inbox, [*open_.values(), *([carry] if carry else [])], why)
                         raise
                     if stop.is_set() or (carry is None and len(batch) < BATCH):
                         break  # stopped, or the inbox has no more (take() returned None)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from labsync import sources as sources_mod
 from labsync.app import open_app
-from labsync.errors import BadLisData, StoreError
+from labsync.errors import BadLisData, StoreError, TransientLisError
 from labsync.lis.base import Capability, FeedPage, FeedProblem
 from labsync.model import LisOrder, OrderStatus, PdfRef, TestResult
 from labsync.sources import BATCH
@@ -217,6 +217,36 @@ def test_when_the_database_goes_away_mid_drain_every_delivery_in_hand_waits_agai
 
     assert summary.applied == 6 and _values(db, "D-0") == {"GLU": "2.0"}
     assert all(lab.inbox_state(f"MSG-{n}") == "done" for n in range(5))
+
+
+def test_a_delivery_whose_done_fails_is_not_left_in_hand_and_is_only_marked_done_later(
+        db, fake_lis, tmp_path):
+    add_user(db, 7)
+    lab = MemoryLab()
+    for n in range(3):
+        add_order(db, f"F-{n}", 7)
+        lab.deliver(f"MSG-{n}", [_completed(f"F-{n}", "1.0", at=T1, version="1")])
+    config = make_config(db, fake_lis, tmp_path / "pdfs")
+
+    class MoveFailsOnce(MemoryLis):
+        failures = 1
+
+        def done(self, delivery):
+            if self.failures:
+                self.failures -= 1
+                raise TransientLisError("done/ cannot be written")
+            super().done(delivery)
+
+    lis = MoveFailsOnce(lab)
+    with pytest.raises(TransientLisError):
+        _run(config, lis, "drain_inbox")
+    assert [lab.inbox_state(f"MSG-{n}") for n in range(3)] == ["waiting"] * 3
+
+    again = _run(config, lis, "drain_inbox")  # the same process: nothing is stuck in hand
+
+    assert (again.duplicates, again.applied) == (3, 0)
+    assert [lab.inbox_state(f"MSG-{n}") for n in range(3)] == ["done"] * 3
+    assert len(events(db)) == 3
 
 
 class _RecordingFeed(MemoryLis):
