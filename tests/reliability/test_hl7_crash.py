@@ -1,4 +1,5 @@
-"""SIGKILL of `labsync run` while an HL7 sender streams results over MLLP, again and again.
+"""SIGKILL of `labsync run` while an HL7 sender streams results over MLLP, again and again;
+and MariaDB restarted under it.
 
 A sender (a thread of the test, like a LIS's MLLP client) sends one ORU^R01 after the other
 and resends a message until it is acknowledged, reconnecting whenever the listener is gone.
@@ -9,6 +10,9 @@ completed with exactly its one result row and exactly one mail, every delivery i
 once, and nothing is left in `queue/` or `error/`. A resend of a message that was stored but
 not acknowledged before a kill is stored once (its key), and one applied but not moved to
 `done/` is only marked done (its id in `labsync_deliveries`).
+
+Through a MariaDB restart the listener goes on acknowledging (a message is stored on disk,
+not in the database), and the inbox job applies what waited once the server is back.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pytest
 from labsync.lis.hl7.ack import read_ack
 from labsync.model import LisOrder, OrderStatus, TestResult
 from labsync.testing.hl7_sender import MllpSender, oru
+from tests import mariadb_server
 from tests.helpers import add_orders, completed_count
 from tests.processes import labsync, write_config
 from tests.reliability.conftest import free_port, mail_counts, record, scaled
@@ -143,3 +148,60 @@ def test_sigkill_while_messages_stream_in_loses_and_doubles_nothing(site, tmp_pa
            outcome="every message acknowledged and applied once; one mail each", lost=0,
            duplicated=0, sends=sender.attempts, resends=sender.attempts - count,
            detail=at_kill)
+
+
+@pytest.mark.slow
+def test_through_a_mariadb_restart_messages_are_acknowledged_and_then_applied_once(
+        site, tmp_path):
+    if not mariadb_server.can_restart():
+        pytest.skip("cannot restart the local MariaDB server here")
+    count = 600
+    add_orders(site, [f"HK-{n:05d}" for n in range(count)])
+    port = free_port()
+    drop_dir = tmp_path / "hl7"
+    config = write_config(
+        tmp_path / "c.toml", db_url=site.url, lis_url="http://127.0.0.1:9/unused",
+        api_key="unused", pdf_dir=tmp_path / "pdfs", lis={"adapter": "hl7"},
+        **{"lis.hl7": {"drop_dir": str(drop_dir), "listen": f"127.0.0.1:{port}"}},
+        pdf={"required": False})
+    proc = labsync(config, "run", log=tmp_path / "run.log")
+    sender = _Sender(port, count, pause=0.01)
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sender.start()
+        while completed_count(site) < 50 and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        before = sender.acked
+        mariadb_server.restart(down_for=3)  # returns once the server answers again
+        acked_meanwhile = sender.acked - before
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (sender.is_alive()
+                                               or completed_count(site) < count):
+            assert proc.poll() is None, f"labsync run exited with {proc.returncode}"
+            time.sleep(0.2)
+    finally:
+        if not mariadb_server.ping():
+            mariadb_server.start()
+        sender.stop.set()
+        sender.join(10)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+
+    log = (tmp_path / "run.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert "job.database_unavailable" in log  # the inbox job met the outage
+    assert acked_meanwhile > 0  # stored and acknowledged while the database was down
+    assert sender.refused == [] and sender.acked == count
+    assert completed_count(site) == count
+    assert site.scalar("SELECT COUNT(*) FROM local_lab_results") == count
+    assert site.scalar("SELECT COUNT(*) FROM b_event") == count
+    assert set(mail_counts(site).values()) == {1}
+    assert site.scalar("SELECT COUNT(*) FROM labsync_deliveries") == count
+    assert [p.name for p in (drop_dir / "queue").iterdir()] == []
+    assert list((drop_dir / "error").iterdir()) == []
+    record("MariaDB restarted under labsync run with an MLLP stream",
+           injected=f"server shut down for 3 s, {count} HL7 messages", times=1,
+           outcome="the listener acknowledged throughout; every message applied once after",
+           lost=0, duplicated=0, acknowledged_during_restart=acked_meanwhile)
