@@ -43,7 +43,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 PREFIX = "HL-"
-GATHER: list[float] = []  # --gather: Hl7Inbox's gather for the in-process runs
 ZONE = ZoneInfo("Europe/Moscow")
 
 
@@ -201,14 +200,15 @@ class Labsync:
     """The adapter with its listener, the engine draining it, and when each delivery was
     committed (``done`` comes right after the commit that wrote its rows)."""
 
-    def __init__(self, config: Any, *, drain_every: float | None) -> None:
+    def __init__(self, config: Any, *, drain_every: float | None,
+                 gather: float | None = None) -> None:
         from labsync.app import open_app
         from labsync.lis.hl7 import Hl7Inbox
 
         self.committed: dict[str, float] = {}
         inbox = Hl7Inbox(config.lis, zone=config.site.timezone,
                          pdf_max_bytes=config.pdf.max_bytes, settle=0.0,
-                         **({"gather": GATHER[0]} if GATHER else {}))
+                         **({"gather": gather} if gather is not None else {}))
         inbox.listen = ("127.0.0.1", 0)
         original_done = inbox.done
 
@@ -481,8 +481,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    if args.gather is not None:
-        GATHER.append(args.gather)
 
     from sqlalchemy.engine import make_url
 
@@ -502,7 +500,7 @@ def main() -> None:
                 first = [1]
 
                 def make(drain_every: float | None) -> Labsync:
-                    return Labsync(config, drain_every=drain_every)
+                    return Labsync(config, drain_every=drain_every, gather=args.gather)
 
                 def block(size: int) -> int:  # distinct orders for every run
                     start, first[0] = first[0], first[0] + size

@@ -166,30 +166,25 @@ class PushedAnswers:
         batch, carry = _take_batch(inbox, None)
         if not batch:
             return summary
+        open_ = {d.id: d for d in batch}  # taken and not finished yet
         try:
             # One connection for the whole drain: no pool checkout, ping and reset for
             # each of a batch's transactions.
             with held_connection(self.engine) as conn:
                 while batch:
                     summary.pages += len(batch)
-                    open_ = {d.id: d for d in batch}
-                    try:
-                        self._deliveries(inbox, batch, open_, summary, conn)
-                    except Exception as exc:
-                        # Nothing stays in hand: what was not finished waits again (one
-                        # applied already is only marked done when it comes back).
-                        why = ("the database is unavailable"
-                               if isinstance(exc, (StoreError, SQLAlchemyError))
-                               else f"the drain failed: {type(exc).__name__}")
-                        _release(inbox, [*open_.values(), *([carry] if carry else [])], why)
-                        raise
+                    self._deliveries(inbox, batch, open_, summary, conn)
                     if stop.is_set() or (carry is None and len(batch) < BATCH):
                         break  # stopped, or the inbox has no more (take() returned None)
                     batch, carry = _take_batch(inbox, carry)
-        except (StoreError, SQLAlchemyError):
-            if summary.pages == 0:  # no connection at all: the first batch waits again
-                _release(inbox, [*batch, *([carry] if carry else [])],
-                         "the database is unavailable")
+                    open_ = {d.id: d for d in batch}
+        except Exception as exc:
+            # Nothing stays in hand: what was not finished waits again (one applied already
+            # is only marked done when it comes back).
+            why = ("the database is unavailable" if isinstance(exc, (StoreError, SQLAlchemyError))
+                   else f"the drain failed: {type(exc).__name__}")
+            for delivery in [*open_.values(), *([carry] if carry else [])]:
+                inbox.release(delivery, why, Hold.UNAVAILABLE)
             raise
         if carry is not None:  # stopped: it waits for the next drain
             inbox.release(carry, "the drain was stopped", Hold.UNAVAILABLE)
@@ -248,11 +243,10 @@ class PushedAnswers:
 
         failed = self._apply([o for d in fresh for o in d.orders], summary, mark, conn)
         for delivery in fresh:
-            problems = _failures(delivery, failed)
-            if problems:
-                reason = "; ".join(problems)
-                log.warning("inbox.not_applied", delivery=delivery.id, reason=reason[:1000])
-            finish(delivery, "; ".join(problems) if problems else None)
+            why = "; ".join(_failures(delivery, failed)) or None
+            if why is not None:
+                log.warning("inbox.not_applied", delivery=delivery.id, reason=why[:1000])
+            finish(delivery, why)
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -360,11 +354,6 @@ def _applied_before(answer: LisOrder, seen: Any) -> bool:
     if answer.changed_at is None or seen.CHANGED_AT is None:
         return seen.CHANGED_AT is None and answer.changed_at is None
     return bool(utc_naive(answer.changed_at) == seen.CHANGED_AT)
-
-
-def _release(inbox: Inbox, held: Sequence[Delivery], reason: str) -> None:
-    for delivery in held:
-        inbox.release(delivery, reason, Hold.UNAVAILABLE)
 
 
 def _take_batch(inbox: Inbox, carry: Delivery | None

@@ -20,9 +20,11 @@ from __future__ import annotations
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -82,20 +84,10 @@ class _Sender(threading.Thread):
             conn.close()
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def test_sigkill_while_messages_stream_in_loses_and_doubles_nothing(site, tmp_path):
-    kills = scaled(8, 30)
-    count = scaled(400, 1500)
-    rng = random.Random(SEED)
-    names = [f"HK-{n:05d}" for n in range(count)]
-    add_orders(site, names)
+def _hl7_site(site, tmp_path, count: int) -> tuple[Path, Path, int]:
+    """``count`` pending orders and a config for the hl7 adapter listening on a free port:
+    (config file, drop folder, port)."""
+    add_orders(site, [f"HK-{n:05d}" for n in range(count)])
     port = free_port()
     drop_dir = tmp_path / "hl7"
     config = write_config(
@@ -103,36 +95,33 @@ def test_sigkill_while_messages_stream_in_loses_and_doubles_nothing(site, tmp_pa
         api_key="unused", pdf_dir=tmp_path / "pdfs", lis={"adapter": "hl7"},
         **{"lis.hl7": {"drop_dir": str(drop_dir), "listen": f"127.0.0.1:{port}"}},
         pdf={"required": False})
-    sender = _Sender(port, count, pause=0.03)
-    sender.start()
-    at_kill: list[dict[str, int]] = []
-    try:
-        for k in range(kills):
-            proc = labsync(config, "run", log=tmp_path / f"kill-{k:02d}.log")
-            deadline = time.monotonic() + 30
-            while not _listening(port) and time.monotonic() < deadline:
-                assert proc.poll() is None, f"labsync run exited with {proc.returncode}"
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.2, 1.5))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            at_kill.append({"acked": sender.acked, "completed": completed_count(site)})
-        assert sender.acked < count, "every message was through before the kills ended"
+    return config, drop_dir, port
 
-        final = labsync(config, "run", log=tmp_path / "final.log")
+
+def _start_run(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``labsync run``, once its MLLP listener is up."""
+    proc = labsync(config, "run", log=log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"labsync run exited with {proc.returncode}"
         try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and (sender.is_alive()
-                                                   or completed_count(site) < count):
-                assert final.poll() is None, f"labsync run exited with {final.returncode}"
-                time.sleep(0.2)
-        finally:
-            final.send_signal(signal.SIGTERM)
-            assert final.wait(timeout=60) == 0
-    finally:
-        sender.stop.set()
-        sender.join(10)
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"labsync run did not listen on port {port} within 30 s")
 
+
+def _wait_all_applied(site, sender: _Sender, proc: subprocess.Popen[bytes], count: int
+                      ) -> None:
+    """Until the sender is through and every order is completed (at most 5 minutes)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (sender.is_alive() or completed_count(site) < count):
+        assert proc.poll() is None, f"labsync run exited with {proc.returncode}"
+        time.sleep(0.2)
+
+
+def _assert_each_applied_once(site, sender: _Sender, drop_dir: Path, count: int) -> None:
     assert sender.refused == [] and sender.acked == count
     assert completed_count(site) == count
     assert site.scalar("SELECT COUNT(*) FROM local_lab_results") == count
@@ -143,6 +132,36 @@ def test_sigkill_while_messages_stream_in_loses_and_doubles_nothing(site, tmp_pa
     assert [p.name for p in (drop_dir / "queue").iterdir()] == []
     assert list((drop_dir / "error").iterdir()) == []
     assert len(list((drop_dir / "done").iterdir())) == count
+
+
+def test_sigkill_while_messages_stream_in_loses_and_doubles_nothing(site, tmp_path):
+    kills = scaled(8, 30)
+    count = scaled(400, 1500)
+    rng = random.Random(SEED)
+    config, drop_dir, port = _hl7_site(site, tmp_path, count)
+    sender = _Sender(port, count, pause=0.03)
+    sender.start()
+    at_kill: list[dict[str, int]] = []
+    try:
+        for k in range(kills):
+            proc = _start_run(config, port, tmp_path / f"kill-{k:02d}.log")
+            time.sleep(rng.uniform(0.2, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            at_kill.append({"acked": sender.acked, "completed": completed_count(site)})
+        assert sender.acked < count, "every message was through before the kills ended"
+
+        final = labsync(config, "run", log=tmp_path / "final.log")
+        try:
+            _wait_all_applied(site, sender, final, count)
+        finally:
+            final.send_signal(signal.SIGTERM)
+            assert final.wait(timeout=60) == 0
+    finally:
+        sender.stop.set()
+        sender.join(10)
+
+    _assert_each_applied_once(site, sender, drop_dir, count)
     record("SIGKILL of labsync run under an MLLP stream", injected=f"SIGKILL of labsync run, "
            f"{count} HL7 messages resent until acknowledged", times=kills,
            outcome="every message acknowledged and applied once; one mail each", lost=0,
@@ -156,31 +175,18 @@ def test_through_a_mariadb_restart_messages_are_acknowledged_and_then_applied_on
     if not mariadb_server.can_restart():
         pytest.skip("cannot restart the local MariaDB server here")
     count = 600
-    add_orders(site, [f"HK-{n:05d}" for n in range(count)])
-    port = free_port()
-    drop_dir = tmp_path / "hl7"
-    config = write_config(
-        tmp_path / "c.toml", db_url=site.url, lis_url="http://127.0.0.1:9/unused",
-        api_key="unused", pdf_dir=tmp_path / "pdfs", lis={"adapter": "hl7"},
-        **{"lis.hl7": {"drop_dir": str(drop_dir), "listen": f"127.0.0.1:{port}"}},
-        pdf={"required": False})
-    proc = labsync(config, "run", log=tmp_path / "run.log")
+    config, drop_dir, port = _hl7_site(site, tmp_path, count)
+    proc = _start_run(config, port, tmp_path / "run.log")
     sender = _Sender(port, count, pause=0.01)
     try:
-        deadline = time.monotonic() + 30
-        while not _listening(port) and time.monotonic() < deadline:
-            time.sleep(0.05)
         sender.start()
-        while completed_count(site) < 50 and time.monotonic() < deadline + 30:
+        deadline = time.monotonic() + 60
+        while completed_count(site) < 50 and time.monotonic() < deadline:
             time.sleep(0.05)
         before = sender.acked
         mariadb_server.restart(down_for=3)  # returns once the server answers again
         acked_meanwhile = sender.acked - before
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and (sender.is_alive()
-                                               or completed_count(site) < count):
-            assert proc.poll() is None, f"labsync run exited with {proc.returncode}"
-            time.sleep(0.2)
+        _wait_all_applied(site, sender, proc, count)
     finally:
         if not mariadb_server.ping():
             mariadb_server.start()
@@ -193,14 +199,7 @@ def test_through_a_mariadb_restart_messages_are_acknowledged_and_then_applied_on
     assert code == 0 and "Traceback" not in log, log[-3000:]
     assert "job.database_unavailable" in log  # the inbox job met the outage
     assert acked_meanwhile > 0  # stored and acknowledged while the database was down
-    assert sender.refused == [] and sender.acked == count
-    assert completed_count(site) == count
-    assert site.scalar("SELECT COUNT(*) FROM local_lab_results") == count
-    assert site.scalar("SELECT COUNT(*) FROM b_event") == count
-    assert set(mail_counts(site).values()) == {1}
-    assert site.scalar("SELECT COUNT(*) FROM labsync_deliveries") == count
-    assert [p.name for p in (drop_dir / "queue").iterdir()] == []
-    assert list((drop_dir / "error").iterdir()) == []
+    _assert_each_applied_once(site, sender, drop_dir, count)
     record("MariaDB restarted under labsync run with an MLLP stream",
            injected=f"server shut down for 3 s, {count} HL7 messages", times=1,
            outcome="the listener acknowledged throughout; every message applied once after",

@@ -74,15 +74,19 @@ def safe_name(text: str) -> str:
 
 def _write_new(path: Path, data: bytes) -> None:
     """``data`` as a new file, readable by its owner and group only (results are patient
-    data), not yet fsynced."""
+    data), not yet fsynced; ``FileExistsError`` if ``path`` exists. A write that fails (a
+    full disk) removes the file it began."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                  FILE_MODE)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-    finally:
+    except OSError:
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 @dataclass(slots=True)
@@ -212,8 +216,8 @@ class Spool:
             if (self.done_dir / f"{key}{SUFFIX}").exists():
                 return False
             final = self.queue / queue_name(key, data)
+            _write_new(final, data)  # a file of that name already there is not ours to remove
             try:
-                _write_new(final, data)
                 self.commit.run(Step(target=final, fsync_file=final))
             except OSError:
                 final.unlink(missing_ok=True)  # in place but not durable: never acknowledged
