@@ -204,11 +204,12 @@ class Labsync:
                  gather: float | None = None) -> None:
         from labsync.app import open_app
         from labsync.lis.hl7 import Hl7Inbox
+        from labsync.lis.hl7.adapter import GATHER
 
         self.committed: dict[str, float] = {}
         inbox = Hl7Inbox(config.lis, zone=config.site.timezone,
                          pdf_max_bytes=config.pdf.max_bytes, settle=0.0,
-                         **({"gather": gather} if gather is not None else {}))
+                         gather=GATHER if gather is None else gather)
         inbox.listen = ("127.0.0.1", 0)
         original_done = inbox.done
 
